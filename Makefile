@@ -1,0 +1,39 @@
+# Two commands from a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The light CPU build of torch; for an NVIDIA GPU see README ("GPU").
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/psd-collage render samples/picnic.psd --model tiny --variants 2 --steps 8 -o out/picnic.harmonized.psd --preview
+	@echo "open out/picnic.harmonized.psd in Photoshop (or see out/picnic.harmonized.preview.png)"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_psd_io.py
+	$(PY) benchmarks/bench_watch.py
+	$(PY) benchmarks/bench_ti.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -1,0 +1,42 @@
+"""Errors a user can act on.
+
+Every problem caused by the input (a bad file, a bad tag, a bad sidecar, a full
+disk) is a :class:`CollageError`: the CLI prints its one-line message after
+``error:`` and exits with status 2. Anything else is a bug and exits 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CollageError(Exception):
+    """A problem with the user's input, with a one-line message that says what to do."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.detail = message
+        text = f"{self.path}: {message}" if self.path is not None else message
+        super().__init__(" ".join(text.split()))  # always one line
+
+
+class TagError(CollageError):
+    """A bad tag in a layer name or a bad per-layer sidecar entry."""
+
+
+class SettingsError(CollageError):
+    """A bad sidecar / folder default / CLI setting."""
+
+
+class UnsupportedDocument(CollageError):
+    """A PSD we can read but cannot render (colour mode, size, no layers)."""
+
+
+class ModelError(CollageError):
+    """A model that cannot be found or loaded."""
+
+
+class Cancelled(Exception):
+    """Raised inside a render when the caller's cancel callback returned True."""

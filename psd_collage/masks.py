@@ -1,0 +1,136 @@
+"""The one place that builds masks and maps: visible masks, noise map, pin weights.
+
+numpy/scipy only, so the reader, the sheet and the render all share it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from .collage import Collage, CollageLayer
+
+#: The authors blurred the noise map with radius 10 px at 512 x 512; we scale it with the image.
+BLUR_PX_AT_512 = 10.0
+
+
+def assign_visible_masks(layers: Sequence[CollageLayer], size: tuple[int, int]) -> np.ndarray:
+    """Occlusion, back to front: visible_i = alpha_i * prod_{j above i} (1 - alpha_j).
+
+    Sets ``layer.visible`` and ``layer.visible_area`` and returns the background
+    mask (the part no layer covers). The visible masks and the background sum to 1.
+    """
+    width, height = size
+    uncovered = np.ones((height, width), np.float32)  # prod of (1 - alpha) of layers above
+    for layer in reversed(layers):
+        left, top, right, bottom = layer.box
+        alpha = layer.alpha
+        region = uncovered[top:bottom, left:right]
+        layer.visible = alpha * region
+        layer.visible_area = float(layer.visible.sum()) / (width * height)
+        region *= 1.0 - alpha
+    return uncovered
+
+
+def background_mask(layers: Sequence[CollageLayer], size: tuple[int, int]) -> np.ndarray:
+    width, height = size
+    uncovered = np.ones((height, width), np.float32)
+    for layer in layers:
+        left, top, right, bottom = layer.box
+        uncovered[top:bottom, left:right] *= 1.0 - layer.alpha
+    return uncovered
+
+
+def default_attention_weights(area: float) -> tuple[float, float]:
+    """The authors' size rule: small layers get stronger steering. Returns (inside, outside)."""
+    r = min(max(area, 0.0), 1.0)
+    return 0.2 + 0.4 * (1.0 - r), 0.9 - 0.5 * r
+
+
+def start_image(collage: Collage) -> np.ndarray:
+    """The picture sampling starts from, (H, W, 3) uint8.
+
+    Normally the flattened collage; in an edit, the chosen earlier variant with
+    the ``redo`` layers pasted on top where they are visible.
+    """
+    if not collage.editing:
+        return collage.composite
+    out = collage.base.pixels.astype(np.float32)
+    for layer in collage.layers:
+        if not layer.redo:
+            continue
+        left, top, right, bottom = layer.box
+        v = layer.visible[..., None]
+        rgb = layer.pixels[..., :3].astype(np.float32)
+        out[top:bottom, left:right] = out[top:bottom, left:right] * (1 - v) + rgb * v
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def noise_map(collage: Collage, default_noise: float) -> np.ndarray:
+    """Each layer's noise painted through its visible mask, (H, W) float32, unblurred.
+
+    The uncovered background gets ``default_noise``. In an edit only ``redo``
+    layers may change: everything else is 0 (pinned to the base).
+    """
+    size = collage.document.size
+    editing = collage.editing
+    if editing:
+        out = np.zeros((size[1], size[0]), np.float32)
+    else:
+        out = background_mask(collage.layers, size) * np.float32(default_noise)
+    for layer in collage.layers:
+        if editing and not layer.redo:
+            continue
+        if layer.noise == 0.0:
+            continue
+        left, top, right, bottom = layer.box
+        out[top:bottom, left:right] += layer.visible * np.float32(layer.noise)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def blur_sigma(size: tuple[int, int]) -> float:
+    """Gaussian sigma for a map of ``size`` (width, height): 10 px at 512 x 512, scaled."""
+    width, height = size
+    return BLUR_PX_AT_512 * math.sqrt(width * height) / 512.0
+
+
+def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a float map to ``size`` (width, height) with area averaging / bilinear."""
+    if values.shape[::-1] == tuple(size):
+        return values.astype(np.float32, copy=False)
+    image = Image.fromarray(values.astype(np.float32), mode="F")
+    shrinking = size[0] < values.shape[1]
+    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    return np.asarray(image.resize(size, resample), np.float32)
+
+
+def strength_map(noise: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The per-pixel strength the sampler uses: the noise map at ``size``, blurred."""
+    small = resize_map(noise, size)
+    return np.clip(gaussian_filter(small, blur_sigma(size), mode="nearest"), 0.0, 1.0)
+
+
+def pin_weights(noise: np.ndarray, work_size: tuple[int, int]) -> np.ndarray:
+    """How much of the source to paste back over the result, (H, W) float32 at document size.
+
+    Exactly 1 on every pixel whose noise is 0 (so pinned pixels come out identical
+    to the source), fading to 0 over the blur radius outside them. The fade is
+    computed at about twice the working resolution and upsampled: blurring an
+    8000 x 6000 map directly costs minutes.
+    """
+    pinned = noise <= 0.0
+    if not pinned.any():
+        return np.zeros(noise.shape, np.float32)
+    height, width = noise.shape
+    scale = min(1.0, 2.0 * max(work_size) / max(width, height))
+    small_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = resize_map(pinned.astype(np.float32), small_size)
+    sigma = blur_sigma(work_size) * small_size[0] / work_size[0]
+    fade = np.clip(2.0 * gaussian_filter(small, sigma, mode="nearest"), 0.0, 1.0)
+    weights = resize_map(fade, (width, height))
+    weights[pinned] = 1.0
+    return weights

@@ -1,0 +1,18 @@
+"""Shared test fixtures: where the real Photoshop files live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "psd-fixtures"
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    """``../shared/psd-fixtures``; tests using it skip cleanly where it is absent."""
+    if not FIXTURES.is_dir():
+        pytest.skip("../shared/psd-fixtures is not present")
+    return FIXTURES

@@ -105,7 +105,7 @@ def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     image = Image.fromarray(values.astype(np.float32), mode="F")
     shrinking = size[0] < values.shape[1]
     resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
-    return np.asarray(image.resize(size, resample), np.float32)
+    return np.array(image.resize(size, resample), np.float32)
 
 
 def strength_map(noise: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -1,0 +1,338 @@
+"""The engine the render calls: load a model once, then generate collage variants.
+
+Diffusion only: nothing here knows about Photoshop files.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import SettingsError
+from .attention import AttentionRecorder, SteeringState, install_processors
+from .models import (
+    ModelComponents,
+    check_scheduler,
+    load_components,
+    make_scheduler,
+    resolve_device,
+    resolve_dtype,
+)
+from .sampler import (
+    Conditioning,
+    decode_latents,
+    denoise,
+    encode_image,
+    first_step,
+    strength_to_latents,
+)
+from .tokens import PromptEmbeddings, Span, encode_prompt, locate_captions
+
+
+@dataclass
+class SteeredPhrase:
+    """One collage layer's caption to steer into its visible mask."""
+
+    text: str  # the caption (may start with a textual-inversion token such as "<ti-3a9f>")
+    mask: np.ndarray  # (h, w) float32 in [0, 1] at the request's image size
+    inside: float  # w_pos
+    outside: float  # w_neg
+
+
+@dataclass
+class GenerationRequest:
+    """One collage at the working resolution."""
+
+    image: np.ndarray  # (h, w, 3) float32 sRGB in [0, 1]; h, w multiples of 64
+    strength: np.ndarray  # (h, w) float32 in [0, 1], already blurred
+    prompt: str
+    negative_prompt: str = ""
+    phrases: list[SteeredPhrase] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 50
+    guidance: float = 7.0
+
+
+@dataclass
+class GenerationResult:
+    images: list[np.ndarray]  # one (h, w, 3) float32 [0, 1] per seed, in seed order
+    prompt: str  # the prompt actually used (missing captions appended)
+    warnings: list[str]
+    timings: dict[str, float]  # "encode", "sample", "decode" seconds
+
+
+class Engine:
+    """A loaded model, kept warm between generations.
+
+    ``components`` exposes the UNet, VAE, text encoders and tokenizers (textual
+    inversion adds tokens through them; nothing here caches text embeddings).
+    """
+
+    def __init__(
+        self,
+        components: ModelComponents,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        scheduler: str = "euler_ancestral",
+        attention_slicing: bool = False,
+        vae_tiling: bool = False,
+        cpu_offload: bool = False,
+        max_batch: int = 4,
+    ) -> None:
+        self.components = components
+        self.model_name = components.name
+        self.kind = components.kind
+        self.native_resolution = components.native_resolution
+        self.device = device
+        self.dtype = dtype
+        self.scheduler_name = scheduler
+        self.cpu_offload = cpu_offload
+        self.max_batch = max(1, max_batch)
+        components.scheduler = make_scheduler(scheduler, components.scheduler.config)
+        self.steering = SteeringState()
+        install_processors(components.unet, self.steering, attention_slicing=attention_slicing)
+        vae = components.vae
+        # SDXL's VAE overflows in fp16 (its config says force_upcast): keep it in fp32.
+        upcast = dtype == torch.float16 and self.kind == "sdxl" and vae.config.get("force_upcast")
+        self.vae_dtype = torch.float32 if upcast else dtype
+        if vae_tiling:
+            vae.enable_tiling()
+            vae.enable_slicing()
+        home = torch.device("cpu") if cpu_offload else device
+        for name, module in components.modules():
+            target = self.vae_dtype if name == "vae" else dtype
+            if module.dtype != target:  # casting an unchanged model makes diffusers warn
+                module.to(dtype=target)
+            module.to(home)
+
+    # -- placement ---------------------------------------------------------------------
+
+    @contextmanager
+    def _on_device(self, *modules: torch.nn.Module) -> Iterator[None]:
+        """With CPU offload, move modules to the device only while they are used."""
+        if not self.cpu_offload or self.device.type == "cpu":
+            yield
+            return
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # -- public API --------------------------------------------------------------------
+
+    def working_size(self, size: tuple[int, int], resolution: int | None = None) -> tuple[int, int]:
+        """(w, h) multiples of 64 with area about resolution^2 and the document's aspect."""
+        width, height = size
+        target = resolution or self.native_resolution
+        if width <= 0 or height <= 0:
+            raise SettingsError(f"image size {width}x{height} is empty")
+        scale = target / math.sqrt(width * height)
+        return (
+            max(64, int(round(width * scale / 64.0)) * 64),
+            max(64, int(round(height * scale / 64.0)) * 64),
+        )
+
+    @contextmanager
+    def record_attention(self, recorder: AttentionRecorder) -> Iterator[None]:
+        """Call ``recorder`` with every cross-attention's probabilities (tests, diagnostics)."""
+        self.steering.recorder = recorder
+        try:
+            yield
+        finally:
+            self.steering.recorder = None
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        progress: Callable[[int, int], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        """Harmonize ``request.image`` once per seed. ``cancel()`` True raises Cancelled."""
+        _validate(request)
+        components = self.components
+        timings = {"encode": 0.0, "sample": 0.0, "decode": 0.0}
+        height, width = request.image.shape[:2]
+        started = time.perf_counter()
+
+        captions = [
+            phrase.text if float(np.max(phrase.mask, initial=0.0)) > 0 else None
+            for phrase in request.phrases
+        ]
+        prompt, spans, warnings = locate_captions(components.tokenizers, request.prompt, captions)
+        guided = request.guidance > 1.0
+        with self._on_device(*components.text_encoders):
+            cond = encode_prompt(components, prompt, self.device)
+            zeros = (
+                components.force_zeros_for_empty_prompt
+                and self.kind == "sdxl"
+                and not request.negative_prompt.strip()
+            )
+            uncond = (
+                encode_prompt(components, request.negative_prompt, self.device, zeros=zeros)
+                if guided
+                else None
+            )
+        with self._on_device(components.vae):
+            original = encode_image(components.vae, request.image, self.device)
+        latent_size = (original.shape[2], original.shape[3])
+        strength = strength_to_latents(request.strength, latent_size, self.device)
+        timings["encode"] = time.perf_counter() - started
+
+        seeds = list(request.seeds)
+        steps_run = request.steps - int(first_step(request.steps, float(strength.max())))
+        if steps_run <= 0:  # nothing may change: hand back the input itself
+            image = np.clip(request.image.astype(np.float32), 0.0, 1.0)
+            return GenerationResult([image.copy() for _ in seeds], prompt, warnings, timings)
+
+        self._set_steering(request, spans, latent_size)
+        chunks = [seeds[i : i + self.max_batch] for i in range(0, len(seeds), self.max_batch)]
+        total = steps_run * getattr(components.scheduler, "order", 1) * len(chunks)
+        done = 0
+
+        def on_step() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(min(done, total), total)
+
+        images: list[np.ndarray] = []
+        try:
+            for chunk in chunks:
+                conditioning = self._conditioning(cond, uncond, len(chunk), (height, width))
+                started = time.perf_counter()
+                with self._on_device(components.unet):
+                    latents = denoise(
+                        components.unet,
+                        make_scheduler(self.scheduler_name, components.scheduler.config),
+                        original,
+                        strength,
+                        conditioning,
+                        chunk,
+                        request.steps,
+                        request.guidance,
+                        self.steering,
+                        on_step,
+                        cancel,
+                    )
+                timings["sample"] += time.perf_counter() - started
+                started = time.perf_counter()
+                with self._on_device(components.vae):
+                    images.extend(decode_latents(components.vae, latents))
+                timings["decode"] += time.perf_counter() - started
+        finally:
+            self.steering.clear()
+        return GenerationResult(images, prompt, warnings, timings)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _conditioning(
+        self,
+        cond: PromptEmbeddings,
+        uncond: PromptEmbeddings | None,
+        n: int,
+        size: tuple[int, int],
+    ) -> Conditioning:
+        hidden = cond.hidden.to(self.dtype).repeat(n, 1, 1)
+        pooled = cond.pooled.repeat(n, 1) if cond.pooled is not None else None
+        if uncond is not None:
+            hidden = torch.cat([uncond.hidden.to(self.dtype).repeat(n, 1, 1), hidden])
+            if pooled is not None:
+                pooled = torch.cat([uncond.pooled.repeat(n, 1), pooled])
+        added = None
+        if self.kind == "sdxl":
+            height, width = size
+            time_ids = torch.tensor(
+                [[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device
+            )
+            added = {
+                "text_embeds": pooled.to(self.dtype),
+                "time_ids": time_ids.repeat(hidden.shape[0], 1),
+            }
+        return Conditioning(hidden, added, cond_start=n if uncond is not None else 0)
+
+    def _set_steering(
+        self,
+        request: GenerationRequest,
+        spans: list[Span | None],
+        latent_size: tuple[int, int],
+    ) -> None:
+        masks, weights = [], []
+        tokens = self.components.tokenizers[0].model_max_length
+        token_phrase = torch.full((tokens,), -1, dtype=torch.long)
+        for phrase, span in zip(request.phrases, spans, strict=True):
+            if span is None or (phrase.inside == 0 and phrase.outside == 0):
+                continue
+            index = len(masks)
+            masks.append(torch.from_numpy(np.asarray(phrase.mask, dtype=np.float32)))
+            weights.append((float(phrase.inside), float(phrase.outside)))
+            token_phrase[list(span.positions())] = index
+        if not masks:
+            self.steering.clear()
+            return
+        self.steering.set_phrases(
+            torch.stack(masks).clamp(0.0, 1.0).to(self.device),
+            torch.tensor(weights, dtype=torch.float32, device=self.device),
+            token_phrase.to(self.device),
+            latent_size,
+        )
+
+
+def _validate(request: GenerationRequest) -> None:
+    """Shapes are the caller's contract; a mismatch is a bug, not a user error."""
+    image = request.image
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (h, w, 3), got {image.shape}")
+    height, width = image.shape[:2]
+    if height % 64 or width % 64:
+        raise ValueError(f"image size {width}x{height} must be multiples of 64")
+    if request.strength.shape != (height, width):
+        raise ValueError(f"strength {request.strength.shape} must be {(height, width)}")
+    for phrase in request.phrases:
+        if phrase.mask.shape != (height, width):
+            raise ValueError(
+                f"mask of {phrase.text!r} is {phrase.mask.shape}, not {(height, width)}"
+            )
+    if not request.seeds:
+        raise ValueError("at least one seed is needed")
+    if request.steps < 1:
+        raise ValueError("steps must be at least 1")
+
+
+def load_engine(
+    model: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    scheduler: str = "euler_ancestral",
+    allow_pickle: bool = False,
+    attention_slicing: bool = False,
+    vae_tiling: bool = False,
+    cpu_offload: bool = False,
+) -> Engine:
+    """Load ``model`` (``tiny``, ``tiny-sdxl``, a diffusers folder, a .safetensors file or a
+    hub id) onto the best device (CUDA fp16, MPS fp32, CPU fp32) unless told otherwise."""
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    check_scheduler(scheduler)  # an unknown name fails before a long load
+    components = load_components(model, dtype=resolved_dtype, allow_pickle=allow_pickle)
+    return Engine(
+        components,
+        device=resolved_device,
+        dtype=resolved_dtype,
+        scheduler=scheduler,
+        attention_slicing=attention_slicing,
+        vae_tiling=vae_tiling,
+        cpu_offload=cpu_offload,
+    )

@@ -1,0 +1,236 @@
+"""Collage Diffusion's cross-attention bias: pull each layer's caption into the layer's area.
+
+In every cross-attention layer (``attn2``), with ``S = QK^T / sqrt(d)`` and for each
+prompt token ``j`` of layer ``i``'s caption::
+
+    S[:, p, j] += w_pos_i * m_i(p)       * f(sigma) * max(S[:, :, tokens of i])
+    S[:, p, j] -= w_neg_i * (1 - m_i(p)) * f(sigma) * max(S[:, :, tokens of i])
+    f(sigma) = ln(ln(sigma + 1.01) + 1)
+
+The max is over heads, pixels and the layer's tokens, per sample; only the conditional
+half of classifier-free guidance is biased. Per attention resolution one tensor
+``C[p, j] = w_pos m(p) - w_neg (1 - m(p))`` (0 for tokens of no layer) is built once per
+generation, so each call adds ``f(sigma) * C * max`` with no Python loop over tokens.
+Self-attention keeps diffusers' fused SDPA processor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, SlicedAttnProcessor
+
+#: recorder(layer_name, probabilities of the conditional rows (B, heads, h*w, tokens), (h, w))
+AttentionRecorder = Callable[[str, torch.Tensor, tuple[int, int]], None]
+
+
+def sigma_weight(sigma: float) -> float:
+    """f(sigma) = ln(ln(sigma + 1.01) + 1): strong steering early, almost none at the end."""
+    return math.log(math.log(sigma + 1.01) + 1.0)
+
+
+@dataclass
+class SteeringState:
+    """What every cross-attention processor of one UNet needs during one generation.
+
+    ``masks`` are the phrases' visible masks (n, H, W) at image size, ``weights`` (n, 2)
+    their (inside, outside) weights and ``token_phrase`` (tokens,) the phrase index of
+    each prompt token (-1: none). Rows ``cond_start:`` of a UNet batch are conditional.
+    """
+
+    masks: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    token_phrase: torch.Tensor | None = None
+    latent_size: tuple[int, int] = (0, 0)
+    cond_start: int = 0
+    factor: float = 0.0  # f(sigma) of the current step
+    recorder: AttentionRecorder | None = None
+    _bias: dict[int, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
+
+    @property
+    def steering(self) -> bool:
+        return self.masks is not None and self.masks.shape[0] > 0
+
+    def set_phrases(
+        self,
+        masks: torch.Tensor,
+        weights: torch.Tensor,
+        token_phrase: torch.Tensor,
+        latent_size: tuple[int, int],
+    ) -> None:
+        self.masks, self.weights, self.token_phrase = masks, weights, token_phrase
+        self.latent_size = latent_size
+        self._bias.clear()
+
+    def clear(self) -> None:
+        """Back to plain attention (also drops the per-resolution tensors)."""
+        self.masks = self.weights = self.token_phrase = None
+        self.cond_start, self.factor = 0, 0.0
+        self._bias.clear()
+
+    def grid(self, length: int) -> tuple[int, int]:
+        """(h, w) of an attention level with ``length`` pixels, from the latent size."""
+        height, width = self.latent_size
+        for level in range(8):
+            h, w = -(-height // 2**level), -(-width // 2**level)
+            if h * w == length:
+                return h, w
+        raise RuntimeError(f"no attention grid of {length} pixels for latents {height}x{width}")
+
+    def bias(
+        self, length: int, tokens: int, device: torch.device
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """C (h*w, tokens) float32 and the grid, built once per resolution."""
+        cached = self._bias.get(length)
+        if cached is not None:
+            return cached
+        assert self.masks is not None and self.weights is not None and self.token_phrase is not None
+        h, w = self.grid(length)
+        masks = F.adaptive_avg_pool2d(self.masks[None].float(), (h, w))[0].flatten(1)  # (n, hw)
+        inside, outside = self.weights[:, 0:1], self.weights[:, 1:2]
+        per_phrase = inside * masks - outside * (1.0 - masks)  # (n, hw)
+        phrase = self.token_phrase[:tokens].to(masks.device)
+        table = torch.zeros(length, tokens, dtype=torch.float32, device=masks.device)
+        steered = phrase >= 0
+        table[:, steered] = per_phrase[phrase[steered]].T
+        entry = (table.to(device), (h, w))
+        self._bias[length] = entry
+        return entry
+
+    def phrase_max(self, scores: torch.Tensor) -> torch.Tensor:
+        """max(S) over heads, pixels and each phrase's tokens, spread back per token: (B, tokens)."""
+        assert self.token_phrase is not None and self.masks is not None
+        tokens = scores.shape[-1]
+        phrase = self.token_phrase[:tokens].to(scores.device)
+        per_token = scores.amax(dim=(1, 2))  # (B, tokens)
+        n = self.masks.shape[0]
+        member = phrase[None, :] == torch.arange(n, device=scores.device)[:, None]  # (n, tokens)
+        neg_inf = torch.finfo(per_token.dtype).min
+        per_phrase = torch.where(member[None], per_token[:, None, :], neg_inf).amax(-1)  # (B, n)
+        spread = per_phrase[:, phrase.clamp(min=0)]
+        return torch.where(phrase[None] >= 0, spread, torch.zeros_like(spread))
+
+
+class CollageCrossAttnProcessor:
+    """diffusers attention processor for ``attn2`` that adds the collage bias.
+
+    Without phrases (or for the unconditional rows) it is the fused SDPA path of
+    diffusers' ``AttnProcessor2_0``; the conditional rows of a steered generation
+    compute their (small: pixels x 77) score matrix explicitly to add the bias.
+    """
+
+    def __init__(self, state: SteeringState, name: str = "") -> None:
+        self.state = state
+        self.name = name
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, pixels, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key = attn.to_k(context)
+        value = attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        state = self.state
+        explicit = (
+            encoder_hidden_states is not None
+            and attention_mask is None
+            and (state.steering or state.recorder is not None)
+        )
+        if not explicit:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        else:
+            start = state.cond_start
+            parts = []
+            if start > 0:
+                parts.append(
+                    F.scaled_dot_product_attention(query[:start], key[:start], value[:start])
+                )
+            parts.append(self._conditional(attn, query[start:], key[start:], value[start:]))
+            out = torch.cat(parts) if len(parts) > 1 else parts[0]
+
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _conditional(
+        self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        state = self.state
+        scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale  # (B, heads, hw, T)
+        pixels, tokens = scores.shape[-2], scores.shape[-1]
+        grid: tuple[int, int] | None = None
+        if state.steering and state.factor != 0.0:
+            table, grid = state.bias(pixels, tokens, scores.device)
+            peak = state.phrase_max(scores)  # (B, T)
+            scores = scores + (state.factor * table)[None, None] * peak[:, None, None, :]
+        probs = scores.softmax(dim=-1)
+        if state.recorder is not None:
+            state.recorder(self.name, probs, grid or state.grid(pixels))
+        return (probs.to(value.dtype)) @ value
+
+
+def install_processors(
+    unet: UNet2DConditionModel, state: SteeringState, *, attention_slicing: bool = False
+) -> None:
+    """Give every ``attn2`` our processor; ``attn1`` keeps its own (sliced if asked).
+
+    Slicing only matters for self-attention (pixels x pixels); the cross-attention
+    score matrix is pixels x 77 and small at any resolution.
+    """
+    processors = {}
+    heads = {name: module.heads for name, module in _attention_modules(unet)}
+    for name, processor in unet.attn_processors.items():
+        module_name = name.removesuffix(".processor")
+        if module_name.endswith("attn2"):
+            processors[name] = CollageCrossAttnProcessor(state, module_name)
+        elif attention_slicing:
+            processors[name] = SlicedAttnProcessor(max(1, heads.get(module_name, 2) // 2))
+        else:
+            processors[name] = processor
+    unet.set_attn_processor(processors)
+
+
+def _attention_modules(unet: UNet2DConditionModel) -> list[tuple[str, Attention]]:
+    return [
+        (name, module) for name, module in unet.named_modules() if isinstance(module, Attention)
+    ]

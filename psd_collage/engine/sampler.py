@@ -1,0 +1,146 @@
+"""Our own sampling loop: SDEdit with a per-pixel strength map, classifier-free guidance.
+
+A latent pixel of strength ``s`` behaves like img2img with strength ``s``: until the
+schedule reaches the step where that img2img would start, the pixel is the original
+latent re-noised to the current timestep (the "differential diffusion" form of the
+paper's per-layer noise); from then on it runs free. Pixels of strength 0 end as the
+original latents exactly. Variants are batched with one generator per seed, so a seed
+gives the same image whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..errors import Cancelled
+from .attention import SteeringState, sigma_weight
+
+
+@torch.no_grad()
+def encode_image(vae: AutoencoderKL, image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(h, w, 3) float [0, 1] -> latents (1, 4, h/8, w/8) float32; the posterior mean (deterministic)."""
+    pixels = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    pixels = pixels.permute(2, 0, 1)[None].to(device=device, dtype=vae.dtype) * 2.0 - 1.0
+    latents = vae.encode(pixels).latent_dist.mean.float()
+    shift = vae.config.get("shift_factor") or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> list[np.ndarray]:
+    """Latents -> one (h, w, 3) float32 [0, 1] image per batch row."""
+    shift = vae.config.get("shift_factor") or 0.0
+    scaled = latents / vae.config.scaling_factor + shift
+    pixels = vae.decode(scaled.to(vae.dtype)).sample
+    pixels = (pixels.float() / 2.0 + 0.5).clamp(0.0, 1.0)
+    return list(pixels.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32))
+
+
+def strength_to_latents(
+    strength: np.ndarray, latent_size: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """(h, w) strength -> (1, 1, h/8, w/8) float32, area-averaged onto the latent grid."""
+    values = torch.from_numpy(np.ascontiguousarray(strength, dtype=np.float32))[None, None]
+    return F.adaptive_avg_pool2d(values, latent_size).clamp(0.0, 1.0).to(device)
+
+
+def first_step(steps: int, strength: float | torch.Tensor) -> int | torch.Tensor:
+    """Schedule index where img2img with ``strength`` starts (``steps`` means never)."""
+    if isinstance(strength, torch.Tensor):
+        return steps - torch.floor(strength * steps + 1e-4).clamp(0, steps).long()
+    return steps - min(int(math.floor(strength * steps + 1e-4)), steps)
+
+
+def current_sigma(scheduler: SchedulerMixin, index: int, timestep: torch.Tensor) -> float:
+    """The scheduler's sigma at ``index``, or sqrt((1 - a) / a) from its alphas."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) > index:
+        return float(sigmas[index])
+    alphas = scheduler.alphas_cumprod
+    t = float(timestep)
+    low = int(math.floor(t))
+    high = min(low + 1, len(alphas) - 1)
+    alpha = float(alphas[low]) + (float(alphas[high]) - float(alphas[low])) * (t - low)
+    return math.sqrt((1.0 - alpha) / alpha)
+
+
+@dataclass
+class Conditioning:
+    """UNet conditioning for the whole batch, unconditional rows first when guiding."""
+
+    hidden: torch.Tensor
+    added: dict[str, torch.Tensor] | None
+    cond_start: int  # first conditional row
+
+
+def denoise(
+    unet: UNet2DConditionModel,
+    scheduler: SchedulerMixin,
+    original: torch.Tensor,
+    strength: torch.Tensor,
+    conditioning: Conditioning,
+    seeds: Sequence[int],
+    steps: int,
+    guidance: float,
+    state: SteeringState,
+    on_step: Callable[[], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Run the loop for ``len(seeds)`` variants; returns float32 latents (n, 4, h, w).
+
+    ``original`` (1, 4, h, w) float32 latents, ``strength`` (1, 1, h, w) in [0, 1].
+    """
+    device = original.device
+    n = len(seeds)
+    scheduler.set_timesteps(steps, device=device)
+    order = getattr(scheduler, "order", 1)
+    start = first_step(steps, float(strength.max())) * order
+    timesteps = scheduler.timesteps[start:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    free_from = first_step(steps, strength) * order  # (1, 1, h, w) schedule index per pixel
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    original = original.expand(n, -1, -1, -1)
+    noise = randn_tensor(original.shape, generator=generators, device=device, dtype=torch.float32)
+    latents = scheduler.add_noise(original, noise, timesteps[:1].repeat(n))
+    step_kwargs = {}
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        step_kwargs["generator"] = generators
+    guided = conditioning.cond_start > 0
+    state.cond_start = conditioning.cond_start
+    for k, t in enumerate(timesteps):
+        if cancel is not None and cancel():
+            raise Cancelled()
+        index = start + k
+        pinned = free_from > index
+        if k > 0 and bool(pinned.any()):
+            renoised = scheduler.add_noise(original, noise, t.repeat(n))
+            latents = torch.where(pinned, renoised, latents)
+        state.factor = sigma_weight(current_sigma(scheduler, index, t))
+        model_in = torch.cat([latents, latents]) if guided else latents
+        model_in = scheduler.scale_model_input(model_in, t).to(unet.dtype)
+        prediction = unet(
+            model_in,
+            t,
+            encoder_hidden_states=conditioning.hidden,
+            added_cond_kwargs=conditioning.added,
+            return_dict=False,
+        )[0].float()
+        if guided:
+            uncond, cond = prediction.chunk(2)
+            prediction = uncond + guidance * (cond - uncond)
+        latents = scheduler.step(prediction, t, latents, return_dict=False, **step_kwargs)[0]
+        latents = latents.float()
+        if on_step is not None:
+            on_step()
+    return torch.where(strength > 0, latents, original)

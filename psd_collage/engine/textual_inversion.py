@@ -1,0 +1,569 @@
+"""Per-layer textual inversion (DESIGN.md 2.3): one learned token per layer, cached on disk.
+
+For each target (a layer, with the collage composited up to it) a new token is
+added to every tokenizer of the engine and its embedding row is trained, in
+every text encoder (SD 1.x/2.x: one, SDXL: both), with the diffusion
+noise-prediction loss masked to the layer's visible area. Nothing else of the
+model changes: the trainable rows live outside the embedding matrices during
+training (a forward hook splices them in), so no other weight can move, and
+they are written into the matrices once at the end. The token's name is derived
+from the cache key, so a token name always means the same embedding and a
+prompt that contains it can be cached by anyone.
+
+The engine knows nothing of Photoshop; the render module prepends the tokens
+to the layers' captions.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from ..atomic import atomic_write_bytes
+from ..errors import Cancelled, CollageError
+from . import ti_cache
+from .ti_cache import cache_dir
+
+__all__ = [
+    "InversionSettings",
+    "InversionTarget",
+    "LearnedToken",
+    "cache_dir",
+    "export_embeddings",
+    "learn_inversions",
+    "learn_tokens",
+]
+
+log = logging.getLogger(__name__)
+
+#: Prompt templates, as in the textual-inversion paper's "a photo of S*"; one per batch item.
+TEMPLATES = (
+    "a photo of {token} {caption}",
+    "a rendering of {token} {caption}",
+    "{token} {caption}",
+    "a picture of {token} {caption}",
+)
+
+#: Size of the fixed probe batch that measures the loss before and after training.
+_PROBE_SAMPLES = 8
+
+# Words that never make a good initialiser for the new token (articles, prepositions...).
+_STOPWORDS = frozenset(
+    """a an the of in on at to for with without from by and or but is are was were be
+    this that these those its his her their my our your some any one two three very
+    into onto over under near behind front back left right top bottom""".split()
+)
+# Adjectives common in captions: used only when no noun-ish word is a single token.
+_ADJECTIVES = frozenset(
+    """red green blue yellow orange purple pink brown black white grey gray golden silver
+    dark light bright pale big small large tiny huge old new young vintage modern
+    beautiful pretty ugly shiny wooden metal glass happy sad tall short long round""".split()
+)
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    """The training recipe; the authors' defaults: 250 steps, lr 4e-4, batch 4."""
+
+    steps: int = 250
+    lr: float = 4e-4
+    batch: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch < 1 or not self.lr > 0:
+            raise ValueError(f"bad textual-inversion settings {self}: steps, batch, lr must be > 0")
+
+
+@dataclass
+class InversionTarget:
+    """One layer to learn a token for."""
+
+    name: str  # for messages and progress (the layer name)
+    image: np.ndarray  # (h, w, 3) float32 sRGB [0, 1]: the collage composited up to this layer
+    mask: np.ndarray  # (h, w) float32 [0, 1]: the layer's visible mask; the loss is masked to it
+    caption: str  # the new token is initialised from a word of it
+
+
+@dataclass
+class LearnedToken:
+    """What :func:`learn_inversions` did for one target."""
+
+    token: str  # e.g. "<ti-3a9f0c12>", usable in this engine's prompts
+    name: str
+    init_word: str | None  # the caption word the row started from; None: the mean embedding
+    cached: bool  # True: loaded from the cache, no training step ran
+    losses: list[float] = field(default_factory=list)  # masked MSE per training step
+    # Masked MSE on a fixed probe batch before / after training (see _train); the
+    # before-after difference is what the token learned. Stored in the cache entry.
+    probe_loss: tuple[float, float] = (float("nan"), float("nan"))
+    seconds: float = 0.0
+
+
+def learn_tokens(
+    engine,
+    targets: Sequence[InversionTarget],
+    settings: InversionSettings = InversionSettings(),
+    *,
+    cache: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> list[str]:
+    """One token string per target, already usable in this engine's prompts.
+
+    ``cache`` is the cache root (default :func:`cache_dir`); entries live in ``<cache>/ti``.
+    ``progress(done, total)`` counts training steps over the targets that are not cached;
+    when every target is cached it is called once with ``(0, 0)``. ``cancel()`` returning
+    True raises :class:`~psd_collage.errors.Cancelled` before the next step.
+    """
+    results = learn_inversions(
+        engine, targets, settings, cache=cache, progress=progress, cancel=cancel
+    )
+    return [r.token for r in results]
+
+
+def learn_inversions(
+    engine,
+    targets: Sequence[InversionTarget],
+    settings: InversionSettings = InversionSettings(),
+    *,
+    cache: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> list[LearnedToken]:
+    """Like :func:`learn_tokens`, with each token's loss history and whether it was cached."""
+    components = engine.components
+    dims = [enc.get_input_embeddings().weight.shape[1] for enc in components.text_encoders]
+    fingerprint = ti_cache.model_fingerprint(components)
+    recipe = (*TEMPLATES, *_init_recipe())
+
+    plans: list[tuple[InversionTarget, str, str]] = []  # (target, key, token)
+    for target in targets:
+        _check_target(target)
+        key = ti_cache.entry_key(
+            model_name=str(engine.model_name),
+            kind=components.kind,
+            fingerprint=fingerprint,
+            image=target.image,
+            mask=target.mask,
+            caption=target.caption,
+            settings=(settings.steps, settings.lr, settings.batch, settings.seed),
+            recipe=recipe,
+        )
+        plans.append((target, key, f"<ti-{key[:10]}>"))
+
+    # Look every target up first, so that progress knows the total before the first step.
+    known: dict[str, ti_cache.CacheEntry] = {}
+    for _, key, _ in plans:
+        if key not in known:
+            entry = ti_cache.load_entry(key, dims, cache)
+            if entry is not None:
+                known[key] = entry
+    to_train = list(dict.fromkeys(key for _, key, _ in plans if key not in known))
+    total = settings.steps * len(to_train)
+    done = 0
+    if progress is not None and total == 0:
+        progress(0, 0)
+
+    def step_done() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    results: dict[str, LearnedToken] = {}
+    out: list[LearnedToken] = []
+    for target, key, token in plans:
+        if key in results:  # the same layer twice: same key, same token
+            previous = results[key]
+            out.append(
+                LearnedToken(
+                    token, target.name, previous.init_word, previous.cached, [], previous.probe_loss
+                )
+            )
+            continue
+        ids = _install_token(components, token)
+        if key in known:
+            _set_rows(components, ids, known[key].rows)
+            meta = known[key].metadata
+            probe = (float(meta["probe_loss_before"]), float(meta["probe_loss_after"]))
+            result = LearnedToken(token, target.name, meta["init_word"] or None, True, [], probe)
+        else:
+            start = time.perf_counter()
+            init_word = _init_word(components, target.caption)
+            init_rows = _init_rows(components, init_word)
+            rows, losses, probe = _train(
+                engine, target, ids, init_rows, settings, step=step_done, cancel=cancel
+            )
+            _set_rows(components, ids, rows)
+            meta = {
+                "token": token,
+                "name": target.name,
+                "caption": target.caption,
+                "model": str(engine.model_name),
+                "kind": components.kind,
+                "init_word": init_word or "",
+                "steps": str(settings.steps),
+                "probe_loss_before": repr(probe[0]),
+                "probe_loss_after": repr(probe[1]),
+            }
+            ti_cache.save_entry(key, rows, meta, cache)
+            result = LearnedToken(
+                token, target.name, init_word, False, losses, probe, time.perf_counter() - start
+            )
+            log.info(
+                "learned %s for layer %r in %.1fs (probe loss %.4g -> %.4g)",
+                token,
+                target.name,
+                result.seconds,
+                *probe,
+            )
+        results[key] = result
+        out.append(result)
+    return out
+
+
+def export_embeddings(engine, tokens: Sequence[str], path: Path) -> Path:
+    """Write learned tokens in the standard textual-inversion safetensors format.
+
+    SD 1.x/2.x: ``{token: (1, dim)}`` (diffusers' ``pipe.load_textual_inversion(file)`` and
+    A1111 load it). SDXL: ``{"clip_l": (1, 768), "clip_g": (1, 1280)}``; with diffusers, load
+    each half into its encoder: ``load_textual_inversion(sd["clip_l"], token=t,
+    text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)`` and the same with
+    ``clip_g`` / ``text_encoder_2`` / ``tokenizer_2``.
+
+    ``path`` ending in ``.safetensors`` is one file for exactly one token; any other path is
+    a folder that gets one ``<token name>.safetensors`` per token (``<ti-3a9f>`` ->
+    ``ti-3a9f.safetensors``). Returns the file or the folder. Files are written atomically.
+    """
+    path = Path(path)
+    components = engine.components
+    if path.suffix == ".safetensors":
+        if len(tokens) != 1:
+            raise ValueError(f"{path}: one file holds one token; pass a folder for {len(tokens)}")
+        files = [(tokens[0], path)]
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        files = [(token, path / f"{_file_stem(token)}.safetensors") for token in tokens]
+    for token, file in files:
+        rows = _get_rows(components, token)
+        if components.kind == "sdxl":
+            tensors = {"clip_l": rows[0][None], "clip_g": rows[1][None]}
+        else:
+            tensors = {token: rows[0][None]}
+        meta = {"token": token, "model": str(engine.model_name), "kind": components.kind}
+        data = safetensors.torch.save(
+            {k: v.to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, metadata=meta
+        )
+        atomic_write_bytes(file, data)
+    return path
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def _check_target(target: InversionTarget) -> None:
+    image, mask = np.asarray(target.image), np.asarray(target.mask)
+    if image.ndim != 3 or image.shape[2] != 3 or mask.shape != image.shape[:2]:
+        raise ValueError(
+            f"layer {target.name!r}: image must be (h, w, 3) and mask (h, w); "
+            f"got {image.shape} and {mask.shape}"
+        )
+    if image.shape[0] % 8 or image.shape[1] % 8:
+        raise ValueError(f"layer {target.name!r}: image size {image.shape[:2]} is not a multiple of 8")
+    if not float(np.max(mask, initial=0.0)) > 0:
+        raise CollageError(
+            f"layer {target.name!r} has no visible pixels, so textual inversion has nothing to "
+            "learn from: remove its ti tag or move it where it can be seen"
+        )
+
+
+def _install_token(components, token: str) -> list[int]:
+    """Add ``token`` to every tokenizer (once) and make room for its row in every encoder."""
+    ids = []
+    for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
+        if token not in tokenizer.get_vocab():
+            tokenizer.add_tokens([token])
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        encoded = tokenizer(f"{token} x", add_special_tokens=False).input_ids
+        if not encoded or encoded[0] != token_id:
+            raise RuntimeError(f"tokenizer splits the learned token {token!r}: {encoded}")
+        rows = encoder.get_input_embeddings().weight.shape[0]
+        if token_id >= rows:
+            # mean_resizing=False: the new row is set right after, the covariance would be wasted.
+            encoder.resize_token_embeddings(token_id + 1, mean_resizing=False)
+        ids.append(token_id)
+    return ids
+
+
+def _set_rows(components, ids: Sequence[int], rows: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for encoder, token_id, row in zip(components.text_encoders, ids, rows, strict=True):
+            weight = encoder.get_input_embeddings().weight
+            weight[token_id] = row.to(weight.device, weight.dtype)
+
+
+def _get_rows(components, token: str) -> list[torch.Tensor]:
+    rows = []
+    for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
+        if token not in tokenizer.get_vocab():
+            raise ValueError(f"{token!r} is not a token of this engine; learn it first")
+        weight = encoder.get_input_embeddings().weight
+        rows.append(weight[tokenizer.convert_tokens_to_ids(token)].detach().float().cpu())
+    return rows
+
+
+def _file_stem(token: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "", token) or "token"
+
+
+def _init_recipe() -> tuple[str, ...]:
+    """Part of the cache key: changing how the start word is chosen changes the result."""
+    return ("init:last-noun-ish-single-token", " ".join(sorted(_STOPWORDS | _ADJECTIVES)))
+
+
+def _init_word(components, caption: str) -> str | None:
+    """The caption word the new token starts from, or None for the mean embedding.
+
+    The last noun-ish word ("a red vintage car" -> "car") that every tokenizer encodes as
+    one token; failing that any single-token word; failing that None.
+    """
+    words = [w for w in re.findall(r"[a-z]+", caption.lower()) if len(w) > 1 or w == "a"]
+
+    def single(word: str) -> bool:
+        return all(
+            len(t(word, add_special_tokens=False).input_ids) == 1 for t in components.tokenizers
+        )
+
+    nounish = [
+        w for w in words if w not in _STOPWORDS and w not in _ADJECTIVES and not w.endswith("ly")
+    ]
+    for pool in (nounish, [w for w in words if w not in _STOPWORDS], words):
+        for word in reversed(pool):
+            if single(word):
+                return word
+    return None
+
+
+def _init_rows(components, word: str | None) -> list[torch.Tensor]:
+    rows = []
+    for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
+        weight = encoder.get_input_embeddings().weight.detach()
+        if word is None:
+            row = weight[: tokenizer.vocab_size].float().mean(0)
+        else:
+            row = weight[tokenizer(word, add_special_tokens=False).input_ids[0]].float()
+        rows.append(row.cpu().clone())
+    return rows
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _train(
+    engine,
+    target: InversionTarget,
+    ids: Sequence[int],
+    init_rows: Sequence[torch.Tensor],
+    settings: InversionSettings,
+    *,
+    step: Callable[[], None],
+    cancel: Callable[[], bool] | None,
+) -> tuple[list[torch.Tensor], list[float], tuple[float, float]]:
+    """Train the new rows: returns them (float32, CPU), every step's loss, the probe losses."""
+    components = engine.components
+    device = torch.device(engine.device)
+    unet, vae = components.unet, components.vae
+    sdxl = components.kind == "sdxl"
+    gen = torch.Generator("cpu").manual_seed(int(settings.seed))
+    noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    prediction = noise_scheduler.config.prediction_type
+
+    # Prompt ids for every template, per tokenizer: chosen per batch item at each step.
+    prompts = [t.format(token=_token_of(components, ids), caption=target.caption) for t in TEMPLATES]
+    prompt_ids = [
+        tok(
+            prompts,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        for tok in components.tokenizers
+    ]
+
+    params = [torch.nn.Parameter(r.to(device, torch.float32).clone()) for r in init_rows]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-2)
+    # fp16 weights: scale the loss so that small gradients do not underflow in the backward pass.
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and engine.dtype == torch.float16)
+
+    losses: list[float] = []
+    with _training_context(engine, params, ids):
+        with torch.no_grad():
+            latent_mean, latent_std, scale = _encode_image(vae, target.image, device)
+        height, width = target.image.shape[:2]
+        weight = _latent_mask(target.mask, latent_mean.shape[-2:], device)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+
+        def batch_loss(timesteps, noise, sample, which) -> torch.Tensor:
+            """Masked noise-prediction MSE of one batch (per latent channel and visible cell)."""
+            b = timesteps.shape[0]
+            timesteps, noise, sample = timesteps.to(device), noise.to(device), sample.to(device)
+            latents = (latent_mean + latent_std * sample) * scale
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            hidden, pooled = _encode_prompts(components, [p[which.to(device)] for p in prompt_ids])
+            added = None
+            if sdxl:
+                added = {
+                    "text_embeds": pooled.to(unet.dtype),
+                    "time_ids": time_ids.repeat(b, 1).to(device, unet.dtype),
+                }
+            pred = unet(
+                noisy.to(unet.dtype),
+                timesteps,
+                encoder_hidden_states=hidden.to(unet.dtype),
+                added_cond_kwargs=added,
+            ).sample.float()
+            if prediction == "v_prediction":
+                goal = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                goal = noise
+            err = (pred - goal.float()) ** 2 * weight
+            return err.sum() / (weight.sum() * pred.shape[0] * pred.shape[1])
+
+        # A fixed probe set (timesteps spread over the schedule, fixed noises): the same
+        # batch before and after training measures what the token learned, free of the
+        # sampling noise that dominates the per-step training losses.
+        probe_gen = torch.Generator("cpu").manual_seed(int(settings.seed) + 7919)
+        n = _PROBE_SAMPLES
+        probe = (
+            torch.linspace(0, num_timesteps - 1, n).round().long(),
+            torch.randn((n, *latent_mean.shape[1:]), generator=probe_gen),
+            torch.randn((n, *latent_mean.shape[1:]), generator=probe_gen),
+            torch.arange(n) % len(TEMPLATES),
+        )
+        with torch.no_grad():
+            probe_before = float(batch_loss(*probe))
+
+        for _ in range(settings.steps):
+            if cancel is not None and cancel():
+                raise Cancelled()
+            b = settings.batch
+            loss = batch_loss(
+                torch.randint(0, num_timesteps, (b,), generator=gen),
+                torch.randn((b, *latent_mean.shape[1:]), generator=gen),
+                torch.randn((b, *latent_mean.shape[1:]), generator=gen),
+                torch.randint(0, len(TEMPLATES), (b,), generator=gen),
+            )
+            if not torch.isfinite(loss):
+                raise CollageError(
+                    f"layer {target.name!r}: textual inversion diverged (loss {loss.item()}); "
+                    "lower ti_lr or turn ti off for this layer"
+                )
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            step()
+        with torch.no_grad():
+            probe_after = float(batch_loss(*probe))
+    rows = [p.detach().to("cpu", torch.float32).clone() for p in params]
+    return rows, losses, (probe_before, probe_after)
+
+
+def _token_of(components, ids: Sequence[int]) -> str:
+    return components.tokenizers[0].convert_ids_to_tokens(ids[0])
+
+
+def _encode_image(vae, image: np.ndarray, device: torch.device):
+    """The VAE's latent distribution (mean, std) for the image, and the latent scale."""
+    pixels = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    pixels = pixels.permute(2, 0, 1)[None].clamp(0, 1) * 2 - 1
+    dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+    mean, std = dist.mean.float(), dist.std.float()
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        raise RuntimeError("the VAE produced non-finite latents for the textual-inversion image")
+    return mean, std, float(vae.config.scaling_factor)
+
+
+def _latent_mask(mask: np.ndarray, size, device: torch.device) -> torch.Tensor:
+    """The visible mask averaged onto the latent grid: (1, 1, h/8, w/8)."""
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    return F.interpolate(m.clamp(0, 1), size=tuple(size), mode="area").to(device)
+
+
+def _encode_prompts(components, ids: Sequence[torch.Tensor]):
+    """Text conditioning as the SD / SDXL pipelines build it: (hidden states, pooled or None)."""
+    if components.kind != "sdxl":
+        return components.text_encoders[0](ids[0])[0], None
+    hidden, pooled = [], None
+    for encoder, input_ids in zip(components.text_encoders, ids, strict=True):
+        out = encoder(input_ids, output_hidden_states=True)
+        pooled = out[0]  # the last encoder's projected pooled output (CLIPTextModelWithProjection)
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), pooled
+
+
+@contextmanager
+def _training_context(engine, params: Sequence[torch.nn.Parameter], ids: Sequence[int]) -> Iterator:
+    """Freeze every weight, splice the trainable rows into the encoders, restore it all after.
+
+    The modules stay in eval mode (dropout off: training is deterministic and the
+    models come back as they were). The UNet runs with diffusers' default attention
+    processors, so a steering processor installed for sampling cannot bias training.
+    """
+    components = engine.components
+    modules = [components.unet, components.vae, *components.text_encoders]
+    grad_flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    modes = [(m, m.training) for m in modules]
+    unet = components.unet
+    processors = dict(unet.attn_processors)
+    checkpointing = unet.is_gradient_checkpointing
+    hooks = []
+    try:
+        for m in modules:
+            m.requires_grad_(False)
+            m.eval()
+        unet.set_attn_processor(AttnProcessor2_0())
+        if torch.device(engine.device).type != "cpu" and not checkpointing:
+            unet.enable_gradient_checkpointing()  # activations of the UNet backward on a GPU
+        for encoder, token_id, param in zip(components.text_encoders, ids, params, strict=True):
+            hooks.append(
+                encoder.get_input_embeddings().register_forward_hook(_splice(token_id, param))
+            )
+        with torch.enable_grad():
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if unet.is_gradient_checkpointing != checkpointing:
+            unet.disable_gradient_checkpointing()
+        unet.set_attn_processor(processors)
+        for m, mode in modes:
+            m.train(mode)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+
+
+def _splice(token_id: int, param: torch.nn.Parameter):
+    """A forward hook that replaces the token's embedding with the trainable row."""
+
+    def hook(module, inputs, output):
+        where = (inputs[0] == token_id)[..., None]
+        return torch.where(where, param.to(output.dtype), output)
+
+    return hook

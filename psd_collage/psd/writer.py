@@ -1,0 +1,588 @@
+"""Writing harmonized variants back into the PSD/PSB as a new group of pixel layers.
+
+Works on psd-tools' low-level records rather than its layer API, for three reasons:
+the original layers must come out byte for byte as they went in (no re-encoding, no
+recompositing), the new layers must be stored in the document's own mode and depth
+with channel ids other readers accept, and a 8000 x 6000 document must not be
+recomposited just to refresh the flattened image we already hold (the visible variant
+is an opaque full-canvas layer on top, so it *is* the document's composite).
+
+Each psd-tools pitfall from DESIGN.md section 3 is worked around in exactly one place
+below, with a comment saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from psd_tools.constants import (
+    BlendMode,
+    ChannelID,
+    ColorMode,
+    Compression,
+    Resource,
+    SectionDivider,
+    Tag,
+)
+from psd_tools.psd import PSD
+from psd_tools.psd.layer_and_mask import (
+    ChannelData,
+    ChannelDataList,
+    ChannelInfo,
+    LayerFlags,
+    LayerInfo,
+    LayerRecord,
+)
+from psd_tools.psd.tagged_blocks import TaggedBlocks
+
+from ..atomic import atomic_open, atomic_write
+from ..errors import CollageError, UnsupportedDocument
+from .color import from_srgb
+
+__all__ = ["write_variants", "layer_compression"]
+
+# Colour channels each supported mode stores per layer, and the name color.py uses.
+_MODES: dict[ColorMode, tuple[str, int]] = {
+    ColorMode.RGB: ("RGB", 3),
+    ColorMode.GRAYSCALE: ("GRAYSCALE", 1),
+    ColorMode.CMYK: ("CMYK", 4),
+}
+_CONVERT_HINT = "convert it in Photoshop with Image > Mode > RGB Color (8 or 16 Bits/Channel)"
+
+# Raw sample types of a channel plane at each depth (PSD is big-endian).
+_DTYPES: dict[int, np.dtype] = {
+    8: np.dtype("u1"),
+    16: np.dtype(">u2"),
+    32: np.dtype(">f4"),
+}
+_FULL_SCALE: dict[int, float] = {8: 255.0, 16: 65535.0, 32: 1.0}
+
+# Rows are converted a strip at a time so that an 8000 x 6000 variant costs one
+# strip of float32 scratch, not several full-canvas float arrays.
+_STRIP_PIXELS = 1 << 22
+
+_GROUP_END_NAME = "</Layer group>"
+_MAX_NAME = 255  # Photoshop's limit for layer names
+
+
+def layer_compression(depth: int) -> Compression:
+    """Codec for the new layers' colour channels (measured in benchmarks/bench_psd_io.py).
+
+    8 bits: RLE, what Photoshop writes there; ~0.1 s per 12-Mpixel plane with
+    psd-tools' C codec against ~0.7-1 s for ZIP, and it shrinks the flat areas that
+    pinning leaves. 16 and 32 bits: RAW. RLE of 16-bit or float samples gains ~0 %
+    on photographic content, and ag-psd misreads RLE beyond 8 bits; Photoshop's own
+    choice, ZIP with prediction, costs ~1 s a plane and ImageMagick cannot read it at
+    32 bits. Every reader decodes RAW.
+    """
+    return Compression.RLE if depth == 8 else Compression.RAW
+
+
+def _transparency_compression(depth: int) -> Compression:
+    """The constant opaque plane: RLE at 8 bits, ZIP at 16 (0.2 s, ~0.1 % of raw).
+
+    32 bits stays RAW: ag-psd misreads ZIP there, and RLE of a float plane is no
+    smaller than raw.
+    """
+    return {8: Compression.RLE, 16: Compression.ZIP}.get(depth, Compression.RAW)
+
+
+def write_variants(
+    source: str | Path,
+    destination: str | Path,
+    variants: Sequence[np.ndarray],
+    names: Sequence[str],
+    group_name: str,
+    pin: np.ndarray | None = None,
+    pin_base: tuple[str, str] | None = None,
+    in_place_backup: bool = True,
+    *,
+    compression: Compression | None = None,
+) -> Path:
+    """Write ``source`` plus a new top group of variant layers to ``destination``.
+
+    ``variants`` are (H, W, 3) float32 sRGB in [0, 1] at document size; the first is
+    visible, the others hidden, and the first also becomes the flattened image.
+    ``pin`` (H, W) weighs the source's own native pixels back in before quantising, so
+    where it is 1 the output equals the source bit for bit. The source is the
+    document's composite, or with ``pin_base=(group, layer)`` that earlier variant.
+    ``destination == source`` means in place: ``NAME.psd.bak`` is kept first (unless
+    ``in_place_backup`` is False) and the file is replaced atomically. ``compression``
+    overrides :func:`layer_compression` (for measurements).
+    """
+    source = Path(source)
+    destination = Path(destination)
+    in_place = _same_file(source, destination)
+    if not destination.parent.is_dir():
+        raise CollageError(
+            "the output folder does not exist; create it or choose another output",
+            path=destination,
+        )
+
+    document = _read(source)
+    header = document.header
+    mode, n_color = _mode_of(document, source)
+    depth = header.depth
+    _check_arguments(variants, names, group_name, pin, header)
+    icc = document.image_resources.get_data(Resource.ICC_PROFILE)
+
+    pinned = None
+    if pin is not None:
+        pinned = _pin_source(document, source, n_color, pin_base)
+    layers = _layer_info(document)
+    merged_alpha = layers.layer_count < 0
+    next_id = _next_layer_id(layers)
+    codec = compression if compression is not None else layer_compression(depth)
+
+    # Record order is bottom to top: the group's end marker, the variants (the first,
+    # visible one last so that it is at the top of the group in the Layers panel),
+    # then the group's own record.
+    records: list[tuple[LayerRecord, ChannelDataList]] = []
+    merged: np.ndarray | None = None
+    for index, (variant, name) in enumerate(zip(variants, names, strict=True)):
+        planes = _native_planes(variant, mode, icc, depth, pin, pinned)
+        records.append(_pixel_layer(planes, name, index == 0, next_id + 1 + index, codec, header))
+        if index == 0:
+            merged = planes
+    del pinned
+    records.reverse()
+    records.insert(0, _group_record(_GROUP_END_NAME, next_id, n_color, end=True))
+    records.append(_group_record(group_name, next_id + 1 + len(names), n_color, end=False))
+    for record, channels in records:
+        layers.layer_records.append(record)
+        layers.channel_image_data.append(channels)
+    layers.layer_count = (-1 if merged_alpha else 1) * len(layers.layer_records)
+
+    assert merged is not None
+    _set_merged_image(document, merged, merged_alpha)
+    del merged
+
+    if in_place and in_place_backup:
+        _backup(source)
+    return atomic_write(destination, document.write)
+
+
+# --- reading ---------------------------------------------------------------------
+
+
+def _same_file(source: Path, destination: Path) -> bool:
+    try:
+        return destination.exists() and os.path.samefile(source, destination)
+    except OSError:
+        return False
+
+
+def _read(path: Path) -> PSD:
+    """Parse the file once, whole; the source file is never opened for writing."""
+    try:
+        with open(path, "rb") as fh:
+            return PSD.read(fh)
+    except FileNotFoundError as exc:
+        raise CollageError("file not found", path=path) from exc
+    except OSError as exc:
+        raise CollageError(f"cannot read the file ({exc.strerror})", path=path) from exc
+    except Exception as exc:  # psd-tools raises ValueError, struct.error, EOFError...
+        raise CollageError(
+            f"not a readable Photoshop PSD/PSB file ({type(exc).__name__}: {exc}); "
+            "re-save it from Photoshop",
+            path=path,
+        ) from exc
+
+
+def _mode_of(document: PSD, path: Path) -> tuple[str, int]:
+    header = document.header
+    if header.color_mode not in _MODES or header.depth not in _DTYPES:
+        raise UnsupportedDocument(
+            f"{header.color_mode.name.title()} {header.depth}-bit documents are not "
+            f"supported; {_CONVERT_HINT}",
+            path=path,
+        )
+    return _MODES[header.color_mode]
+
+
+def _check_arguments(
+    variants: Sequence[np.ndarray],
+    names: Sequence[str],
+    group_name: str,
+    pin: np.ndarray | None,
+    header,
+) -> None:
+    """Caller mistakes (not user input): plain ValueError."""
+    if not variants:
+        raise ValueError("write_variants needs at least one variant")
+    if len(names) != len(variants):
+        raise ValueError(f"{len(variants)} variants but {len(names)} names")
+    size = (header.height, header.width)
+    for index, variant in enumerate(variants):
+        if variant.shape != (*size, 3):
+            raise ValueError(f"variant {index} has shape {variant.shape}, expected {(*size, 3)}")
+    for name in [*names, group_name]:
+        if not name or len(name) > _MAX_NAME:
+            raise ValueError(f"layer names must have 1 to {_MAX_NAME} characters: {name!r}")
+    if pin is not None and pin.shape != size:
+        raise ValueError(f"pin has shape {pin.shape}, expected {size}")
+
+
+def _layer_info(document: PSD) -> LayerInfo:
+    """The layer list the readers consult, created when the document has none.
+
+    Photoshop keeps 16/32-bit layers in an Lr16/Lr32 block and leaves the plain
+    section empty; psd-tools' ``_get_layer_info`` picks whichever is used.
+    """
+    info = document._get_layer_info()
+    if info is None:
+        info = LayerInfo()
+        document.layer_and_mask_information.layer_info = info
+    return info
+
+
+def _next_layer_id(layers: LayerInfo) -> int:
+    ids = [record.tagged_blocks.get_data(Tag.LAYER_ID, 0) for record in layers.layer_records]
+    return max(ids, default=0) + 1
+
+
+def _merged_planes(document: PSD) -> np.ndarray:
+    """The stored flattened image, (channels, H, W) raw samples at the document's depth."""
+    header = document.header
+    data = document.image_data.get_data(header, split=False)
+    return np.frombuffer(data, _DTYPES[header.depth]).reshape(
+        header.channels, header.height, header.width
+    )
+
+
+def _has_real_composite(document: PSD) -> bool:
+    """False for files saved without "Maximize compatibility": their merged image is blank."""
+    version = document.image_resources.get_data(Resource.VERSION_INFO)
+    return bool(version.has_composite) if version is not None else True
+
+
+def _document_source(document: PSD, n_color: int) -> np.ndarray:
+    """The document's composite in native mode and depth, (n_color, H, W)."""
+    if _has_real_composite(document):
+        return _merged_planes(document)[:n_color]
+    # No real merged image: let psd-tools composite the layers (on white, as
+    # Photoshop flattens) and quantise it, so "the source" is defined at our depth.
+    from psd_tools import PSDImage
+    from psd_tools.composite import composite
+
+    color, _, _ = composite(PSDImage(document), color=1.0, alpha=1.0)
+    depth = document.header.depth
+    return _quantise(color.transpose(2, 0, 1)[:n_color] * _FULL_SCALE[depth], depth)
+
+
+def _pin_source(
+    document: PSD, path: Path, n_color: int, pin_base: tuple[str, str] | None
+) -> np.ndarray:
+    """Native pixels that pinned regions keep: the composite or an earlier variant."""
+    if pin_base is None:
+        return _document_source(document, n_color)
+    record, channels = _find_variant(document, path, pin_base)
+    header = document.header
+    width, height = record.right - record.left, record.bottom - record.top
+    planes: dict[int, np.ndarray] = {}
+    for info, data in zip(record.channel_info, channels, strict=False):
+        if -1 <= info.id < n_color and width > 0 and height > 0:
+            raw = data.get_data(width, height, header.depth, header.version)
+            planes[int(info.id)] = np.frombuffer(raw, _DTYPES[header.depth]).reshape(height, width)
+    if any(index not in planes for index in range(n_color)):
+        raise CollageError(
+            f"layer {pin_base[1]!r} in group {pin_base[0]!r} has no pixels to keep; "
+            "pick another variant or run without editing",
+            path=path,
+        )
+    layer = np.stack([planes[index] for index in range(n_color)])
+    full = (record.left, record.top, record.right, record.bottom) == (
+        0,
+        0,
+        header.width,
+        header.height,
+    )
+    opaque = -1 not in planes or bool((planes[-1] == _FULL_SCALE[header.depth]).all())
+    if full and opaque:
+        return layer
+    # The variant was moved or made partly transparent: lay it over the composite.
+    base = np.array(_document_source(document, n_color))
+    left, top = max(record.left, 0), max(record.top, 0)
+    right, bottom = min(record.right, header.width), min(record.bottom, header.height)
+    if right <= left or bottom <= top:
+        return base
+    crop = (
+        slice(top - record.top, bottom - record.top),
+        slice(left - record.left, right - record.left),
+    )
+    alpha = (
+        planes[-1][crop].astype(np.float32) / _FULL_SCALE[header.depth]
+        if -1 in planes
+        else np.ones((bottom - top, right - left), np.float32)
+    )
+    region = base[:, top:bottom, left:right].astype(np.float32)
+    over = layer[(slice(None), *crop)].astype(np.float32)
+    blended = over * alpha + region * (1.0 - alpha)
+    if header.depth != 32:
+        blended = np.clip(np.rint(blended), 0, _FULL_SCALE[header.depth])
+    base[:, top:bottom, left:right] = blended.astype(_DTYPES[header.depth])
+    return base
+
+
+def _find_variant(
+    document: PSD, path: Path, pin_base: tuple[str, str]
+) -> tuple[LayerRecord, ChannelDataList]:
+    """The layer ``pin_base[1]`` directly inside the top-level group ``pin_base[0]``.
+
+    The topmost match wins: that is the most recent run when two share a name.
+    """
+    group_name, layer_name = pin_base
+    info = document._get_layer_info()
+    entries = list(zip(info.layer_records, info.channel_image_data, strict=False)) if info else []
+    for position, (record, _) in _children(entries, len(entries)):
+        if _divider_kind(record) not in _FOLDERS or _name(record) != group_name:
+            continue
+        for _, (child, channels) in _children(entries, position):
+            if _name(child) != layer_name:
+                continue
+            if _divider_kind(child) is not None or _is_special(child):
+                raise CollageError(
+                    f"layer {layer_name!r} in group {group_name!r} is not a pixel layer; "
+                    "pick another variant",
+                    path=path,
+                )
+            return child, channels
+    raise CollageError(
+        f"no layer {layer_name!r} in a top-level group {group_name!r}; "
+        "keep the earlier [harmonized] group and its layers as they were written",
+        path=path,
+    )
+
+
+_FOLDERS = (SectionDivider.OPEN_FOLDER, SectionDivider.CLOSED_FOLDER)
+
+
+def _children(
+    entries: list[tuple[LayerRecord, ChannelDataList]], end: int
+) -> list[tuple[int, tuple[LayerRecord, ChannelDataList]]]:
+    """Direct children, top first, of the group whose record is ``entries[end]``.
+
+    Records are stored bottom to top and a group's record comes after its children,
+    closed below them by an end marker; ``end == len(entries)`` gives the top level.
+    """
+    children = []
+    nesting = 0
+    for position in range(end - 1, -1, -1):
+        entry = entries[position]
+        kind = _divider_kind(entry[0])
+        if kind == SectionDivider.BOUNDING_SECTION_DIVIDER:
+            if nesting == 0:
+                break
+            nesting -= 1
+            continue
+        if nesting == 0:
+            children.append((position, entry))
+        if kind in _FOLDERS:
+            nesting += 1
+    return children
+
+
+def _divider_kind(record: LayerRecord) -> SectionDivider | None:
+    blocks = record.tagged_blocks
+    setting = blocks.get_data(Tag.NESTED_SECTION_DIVIDER_SETTING) or blocks.get_data(
+        Tag.SECTION_DIVIDER_SETTING
+    )
+    if setting is None or setting.kind == SectionDivider.OTHER:
+        return None
+    return setting.kind
+
+
+def _is_special(record: LayerRecord) -> bool:
+    """Text, smart object, adjustment or fill layers: not plain pixels."""
+    special = (
+        Tag.TYPE_TOOL_OBJECT_SETTING,
+        Tag.SMART_OBJECT_LAYER_DATA1,
+        Tag.SMART_OBJECT_LAYER_DATA2,
+        Tag.PLACED_LAYER1,
+        Tag.PLACED_LAYER2,
+        Tag.SOLID_COLOR_SHEET_SETTING,
+        Tag.GRADIENT_FILL_SETTING,
+        Tag.PATTERN_FILL_SETTING,
+    )
+    return any(tag in record.tagged_blocks for tag in special)
+
+
+def _name(record: LayerRecord) -> str:
+    return record.tagged_blocks.get_data(Tag.UNICODE_LAYER_NAME, record.name)
+
+
+# --- building the new layers -------------------------------------------------------
+
+
+def _quantise(values: np.ndarray, depth: int) -> np.ndarray:
+    """Float samples on the 0..full-scale range -> raw samples at ``depth``."""
+    if depth == 32:
+        return values.astype(_DTYPES[32])
+    rounded = np.rint(values)
+    np.clip(rounded, 0.0, _FULL_SCALE[depth], out=rounded)
+    return rounded.astype(_DTYPES[depth])
+
+
+def _native_planes(
+    variant: np.ndarray,
+    mode: str,
+    icc: bytes | None,
+    depth: int,
+    pin: np.ndarray | None,
+    pinned: np.ndarray | None,
+) -> np.ndarray:
+    """sRGB variant -> (channels, H, W) raw samples in the document's mode and depth.
+
+    Pinned pixels are mixed in at full scale *before* rounding with
+    ``source * pin + new * (1 - pin)``: at pin == 1 that is exactly ``source`` (an
+    integer or float32 times one plus zero), so the output equals the source bit
+    for bit, also at 32 bits where ``new + (source - new)`` would not be.
+    """
+    height, width = variant.shape[:2]
+    scale = _FULL_SCALE[depth]
+    channels = 4 if mode == "CMYK" else (1 if mode == "GRAYSCALE" else 3)
+    out = np.empty((channels, height, width), _DTYPES[depth])
+    rows = max(1, _STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        rgb = np.clip(np.asarray(variant[top:bottom], np.float32), 0.0, 1.0)
+        native = from_srgb(rgb, mode, icc)  # a fresh array: safe to change in place
+        if mode == "CMYK":
+            np.subtract(1.0, native, out=native)  # PSD stores ink left: 255 = no ink
+        if scale != 1.0:
+            native *= scale
+        native = native.transpose(2, 0, 1)
+        if pin is not None and pinned is not None:
+            weight = np.asarray(pin[top:bottom], np.float32)
+            kept = pinned[:, top:bottom].astype(np.float32)
+            native = kept * weight + native * (1.0 - weight)
+        out[:, top:bottom] = _quantise(native, depth)
+    return out
+
+
+def _layer_name(record: LayerRecord, name: str) -> None:
+    """Give a record a Unicode name that every writer and reader copes with.
+
+    psd-tools pitfall: ``save()`` encodes the legacy Pascal name as MacRoman and
+    raises half-way through writing on anything else. So the Pascal name gets a
+    MacRoman rendering ('?' for what it cannot hold, cut to 255 bytes; ImageMagick
+    shows this one) and the real name goes to the 'luni' block Photoshop reads.
+    """
+    legacy = name.encode("macroman", errors="replace")[:_MAX_NAME]
+    record.name = legacy.decode("macroman")
+    record.tagged_blocks.set_data(Tag.UNICODE_LAYER_NAME, name)
+
+
+def _pixel_layer(
+    planes: np.ndarray,
+    name: str,
+    visible: bool,
+    layer_id: int,
+    codec: Compression,
+    header,
+) -> tuple[LayerRecord, ChannelDataList]:
+    """A full-canvas opaque pixel layer from raw planes.
+
+    Built as records rather than with ``PixelLayer.frompil``: psd-tools pitfall, an
+    RGBA image given to ``frompil`` on a 3-channel document gets its alpha as a
+    *layer mask* instead of the transparency channel. Here the transparency channel
+    (-1, opaque) and one channel per colour plane are written explicitly.
+    """
+    _, height, width = planes.shape
+    depth, version = header.depth, header.version
+    record = LayerRecord(
+        top=0,
+        left=0,
+        bottom=height,
+        right=width,
+        blend_mode=BlendMode.NORMAL,
+        opacity=255,
+        flags=LayerFlags(visible=visible),
+        tagged_blocks=TaggedBlocks(),
+    )
+    _layer_name(record, name)
+    record.tagged_blocks.set_data(Tag.LAYER_ID, layer_id)
+    channels = ChannelDataList()
+    opaque = np.full((height, width), _FULL_SCALE[depth], _DTYPES[depth])
+    sources = [(ChannelID.TRANSPARENCY_MASK, opaque)]
+    sources += [(ChannelID(index), planes[index]) for index in range(planes.shape[0])]
+    for channel_id, plane in sources:
+        use = codec if channel_id >= 0 else _transparency_compression(depth)
+        data = ChannelData(compression=use)
+        data.set_data(plane.tobytes(), width, height, depth, version)
+        record.channel_info.append(ChannelInfo(id=channel_id, length=data._length))
+        channels.append(data)
+    return record, channels
+
+
+def _group_record(
+    name: str, layer_id: int, n_color: int, *, end: bool
+) -> tuple[LayerRecord, ChannelDataList]:
+    """The group's own record (``end=False``) or its end marker (``end=True``).
+
+    psd-tools pitfall: ``Group.new`` always gives these records the four RGB channel
+    ids (-1, 0, 1, 2), and other readers (ImageMagick, GIMP) reject a CMYK or
+    Grayscale file whose records do not list the document's own channels. Here the
+    empty channels are the transparency plus one per colour channel of the mode,
+    as Photoshop writes them.
+    """
+    record = LayerRecord(
+        blend_mode=BlendMode.NORMAL,
+        flags=LayerFlags(visible=True, pixel_data_irrelevant=True),
+        tagged_blocks=TaggedBlocks(),
+    )
+    _layer_name(record, name)
+    if end:
+        record.tagged_blocks.set_data(
+            Tag.SECTION_DIVIDER_SETTING, kind=SectionDivider.BOUNDING_SECTION_DIVIDER
+        )
+    else:
+        record.tagged_blocks.set_data(
+            Tag.SECTION_DIVIDER_SETTING,
+            kind=SectionDivider.OPEN_FOLDER,
+            signature=b"8BIM",
+            blend_mode=BlendMode.PASS_THROUGH,
+        )
+    record.tagged_blocks.set_data(Tag.LAYER_ID, layer_id)
+    channels = ChannelDataList()
+    for index in range(-1, n_color):
+        channels.append(ChannelData(compression=Compression.RAW, data=b""))
+        record.channel_info.append(ChannelInfo(id=ChannelID(index), length=2))
+    return record, channels
+
+
+def _set_merged_image(document: PSD, planes: np.ndarray, merged_alpha: bool) -> None:
+    """Replace the flattened image with the visible variant instead of recompositing.
+
+    Extra channels (saved selections, spot colours) keep their stored data; when the
+    layer count is negative the first extra channel is the composite's transparency,
+    which the opaque full-canvas variant makes fully opaque.
+    """
+    header = document.header
+    n_color = planes.shape[0]
+    data = [planes[index].tobytes() for index in range(n_color)]
+    if header.channels > n_color:
+        stored = _merged_planes(document)
+        for index in range(n_color, header.channels):
+            if index == n_color and merged_alpha:
+                full = np.full(planes.shape[1:], _FULL_SCALE[header.depth], _DTYPES[header.depth])
+                data.append(full.tobytes())
+            else:
+                data.append(stored[index].tobytes())
+        del stored
+    # Only RAW and RLE are defined here; RLE beyond 8 bits is what ag-psd misreads.
+    image = document.image_data
+    image.compression = Compression.RLE if header.depth == 8 else Compression.RAW
+    image.set_data(data, header)
+
+
+def _backup(source: Path) -> Path:
+    """Copy the original to ``NAME.psd.bak`` (atomically) before replacing it in place."""
+    backup = source.with_name(source.name + ".bak")
+    with open(source, "rb") as original, atomic_open(backup) as copy:
+        shutil.copyfileobj(original, copy, 1 << 20)
+    return backup

@@ -1,0 +1,413 @@
+"""The hot folder (``psd-collage watch``): layout, stability, claims, crash recovery, service.
+
+Two halves. The first drives the service's machinery in-process with a stand-in
+renderer (copies the input) so every crash point can be reproduced exactly.
+The second runs the real command as subprocesses with ``--model tiny`` on real
+PSD files, real filesystem events and real signals, and checks the folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from psd_collage.errors import Cancelled, CollageError, ModelError, UnsupportedDocument
+from psd_collage.settings import read_sidecar
+from watcher.jobs import MAX_ATTEMPTS, claim, open_job, pending_jobs
+from watcher.layout import Layout, free_stem, is_document, is_sidecar
+from watcher.service import WatchOptions, WatchService
+from watcher.stability import StabilityTracker
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fake_header(path: Path) -> None:
+    """Stand-in for the reader's check_header: the PSD signature and a full 26-byte header."""
+    with open(path, "rb") as fh:
+        head = fh.read(26)
+    if len(head) < 26 or head[:4] != b"8BPS":
+        raise CollageError("not a Photoshop file", path=path)
+
+
+def fake_psd(tag: str, size: int = 200) -> bytes:
+    return b"8BPS" + b"\0" * 22 + tag.encode() + b"." * size
+
+
+class CopyRenderer:
+    """Stands in for psd_collage.render.Renderer: "renders" by copying, so the service's
+    moves can be checked byte for byte. Inputs containing BROKEN fail like a bad PSD;
+    a sidecar is validated like the real renderer does."""
+
+    def __init__(self, defaults: dict) -> None:
+        self.defaults = defaults
+        self.calls: list[str] = []
+        self.on_progress = None
+
+    def render_file(
+        self, path, output=None, *, sidecar=None, preview=None, progress=None, cancel=None
+    ):
+        self.calls.append(path.name)
+        data = path.read_bytes()
+        if sidecar is not None:
+            read_sidecar(sidecar)
+        if b"BROKEN" in data:
+            raise UnsupportedDocument(
+                "Indexed colour is not supported: use Image > Mode > RGB Color", path=path
+            )
+        if b"BUG" in data:
+            raise ZeroDivisionError("division by zero")
+        if b"NOMODEL" in data:
+            raise ModelError("model 'nope' not found")
+        progress("sample", 0, 1)
+        if self.on_progress:
+            self.on_progress()
+        if cancel():
+            raise Cancelled()
+        output.write_bytes(b"RESULT" + data)
+        shown = output.with_suffix(".preview.png")
+        shown.write_bytes(b"PNG" + data[:8])
+        progress("sample", 1, 1)
+        return SimpleNamespace(
+            output=output,
+            preview=shown,
+            timings={"sample": 0.001},
+            variants=[{"seed": 1, "layer": "seed 1"}],
+            warnings=[],
+            settings={"model": "copy"},
+        )
+
+
+def make_service(root: Path, *, stable: float = 0.05, once: bool = True, **kw) -> WatchService:
+    return WatchService(
+        root,
+        kw.pop("settings", {}),
+        WatchOptions(stable=stable, once=once, rescan=kw.pop("rescan", 10.0)),
+        renderer_factory=CopyRenderer,
+        header_check=fake_header,
+    )
+
+
+def where_is(root: Path, digest: str) -> list[str]:
+    """Every file under ROOT (except work/) with these exact bytes."""
+    found = []
+    for folder in ("inbox", "done", "failed", "originals", "work"):
+        for path in (root / folder).rglob("*"):
+            if path.is_file() and sha(path) == digest:
+                found.append(str(path.relative_to(root)))
+    return found
+
+
+# ---------------------------------------------------------------------------
+# layout and names
+# ---------------------------------------------------------------------------
+
+
+def test_layout_creates_the_folders_and_refuses_a_file_as_root(tmp_path: Path) -> None:
+    layout = Layout.create(tmp_path / "hot")
+    assert all(
+        (tmp_path / "hot" / d).is_dir() for d in ("inbox", "work", "done", "failed", "originals")
+    )
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(CollageError, match="not a folder"):
+        Layout.create(tmp_path / "plain")
+    with pytest.raises(CollageError, match="does not exist"):
+        Layout.create(tmp_path / "missing" / "deeper")
+    assert layout.inbox == tmp_path / "hot" / "inbox"
+
+
+def test_documents_and_sidecars_are_recognised_case_insensitively() -> None:
+    assert is_document("Poster.PSD") and is_document("big.psb")
+    assert not is_document("._Poster.psd")  # macOS resource fork
+    assert not is_document("photo.jpg")
+    assert is_sidecar("Poster.PSD.toml") and not is_sidecar("collage.toml")
+
+
+def test_free_stem_keeps_psd_preview_and_error_under_one_number(tmp_path: Path) -> None:
+    (tmp_path / "poster.psd").write_bytes(b"")
+    (tmp_path / "poster (2).preview.png").write_bytes(b"")
+    targets = [(tmp_path, ".psd"), (tmp_path, ".preview.png")]
+    assert free_stem("poster", targets) == "poster (3)"
+    assert free_stem("other", targets) == "other"
+
+
+# ---------------------------------------------------------------------------
+# stability: never early, never failed while still arriving
+# ---------------------------------------------------------------------------
+
+
+def test_a_growing_file_is_not_ready_until_it_stops_changing(tmp_path: Path) -> None:
+    inbox = tmp_path
+    tracker = StabilityTracker(inbox, 2.0, fake_header, wall_clock=time.time)
+    path = inbox / "a.psd"
+    path.write_bytes(b"JUNK")  # fails the header check from the start
+    for second in range(0, 12):  # keeps growing for 11 "seconds", scanned every 1 s
+        with open(path, "ab") as fh:
+            fh.write(b"x" * 100)
+        tracker.scan(float(second))
+        ready, rejected = tracker.settle(float(second))
+        assert ready == [] and rejected == []
+    tracker.scan(12.0)
+    assert tracker.settle(12.5) == ([], [])
+    ready, rejected = tracker.settle(13.0)  # unchanged for 2 s, but the header is bad
+    assert ready == [] and rejected == []  # ...waits a further window before failing it
+    ready, rejected = tracker.settle(15.0)
+    assert [c.name for c in rejected] == ["a.psd"]
+    assert "not a Photoshop file" in str(rejected[0].header_error)
+
+
+def test_a_complete_file_becomes_ready_after_one_window(tmp_path: Path) -> None:
+    tracker = StabilityTracker(tmp_path, 2.0, fake_header, wall_clock=time.time)
+    (tmp_path / "b.psd").write_bytes(fake_psd("b"))
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "b.psd.toml").write_text("steps = 3\n")
+    tracker.scan(0.0)
+    assert tracker.settle(1.9) == ([], [])
+    assert tracker.newly_ignored == ["notes.txt"]  # logged once, the sidecar is not "ignored"
+    # Editing the sidecar counts as a change of the job.
+    (tmp_path / "b.psd.toml").write_text("steps = 30\n")
+    tracker.scan(1.95)
+    assert tracker.settle(3.0) == ([], [])
+    ready, _ = tracker.settle(3.95)
+    assert [c.name for c in ready] == ["b.psd"]
+    tracker.scan(4.0)
+    assert tracker.newly_ignored == ["notes.txt"]  # not reported a second time
+
+
+# ---------------------------------------------------------------------------
+# claims and crash recovery at every step
+# ---------------------------------------------------------------------------
+
+
+def test_only_one_claim_wins(tmp_path: Path) -> None:
+    layout = Layout.create(tmp_path)
+    (layout.inbox / "a.psd").write_bytes(fake_psd("a"))
+    (layout.inbox / "a.psd.toml").write_text("steps = 3\n")
+    first = claim(layout, "a.psd")
+    second = claim(layout, "a.psd")
+    assert first is not None and second is None
+    assert first.sidecar is not None and first.sidecar.read_text() == "steps = 3\n"
+    assert os.listdir(layout.inbox) == []
+    # The folder is locked: another watcher (here: another open) cannot take it over.
+    assert open_job(layout, first.folder) is None
+    first.release()
+    resumed = open_job(layout, first.folder)
+    assert resumed is not None and resumed.stage == "claimed"
+    resumed.release()
+    assert len(pending_jobs(layout)) == 1  # the loser left no empty folder behind
+
+
+@pytest.mark.parametrize("crash_after", range(0, 5))
+def test_finishing_a_job_is_idempotent_at_every_crash_point(
+    tmp_path: Path, crash_after: int
+) -> None:
+    """Kill after `crash_after` steps of the final moves, resume: one place, same bytes."""
+    layout = Layout.create(tmp_path)
+    data = fake_psd("crash")
+    (layout.inbox / "a.psd").write_bytes(data)
+    (layout.inbox / "a.psd.toml").write_text("steps = 3\n")
+    job = claim(layout, "a.psd")
+    out = job.prepare_output()
+    out.write_bytes(b"RESULT")
+    preview = out.with_suffix(".preview.png")
+    preview.write_bytes(b"PNG")
+    job.mark_done(out, preview, {})
+    moves = job.state["moves"]
+    # Replay the first moves by hand, the last one only half (link without unlink).
+    for i, move in enumerate(moves[:crash_after]):
+        src, dst = job.folder / move["src"], layout.root / move["folder"] / ("a" + move["suffix"])
+        os.link(src, dst)
+        if i < crash_after - 1:
+            os.unlink(src)
+    job.release()  # the process dies: its lock goes with it
+
+    again = open_job(layout, job.folder)
+    assert again is not None and again.stage == "done"
+    placed = again.finalize()
+    assert placed["done"].read_bytes() == b"RESULT"
+    assert placed["original"].read_bytes() == data
+    assert placed["preview"].name == "a.preview.png"
+    assert placed["sidecar"].read_text() == "steps = 3\n"
+    assert where_is(layout.root, sha(layout.originals / "a.psd")) == ["originals/a.psd"]
+    assert pending_jobs(layout) == []
+
+
+def test_a_crash_during_clean_up_leaves_nothing_to_redo(tmp_path: Path) -> None:
+    layout = Layout.create(tmp_path)
+    (layout.inbox / "a.psd").write_bytes(fake_psd("a"))
+    job = claim(layout, "a.psd")
+    job.prepare_output().write_bytes(b"RESULT")
+    job.mark_done(job.output, None, {})
+    for move in job.state["moves"]:
+        os.rename(job.folder / move["src"], layout.root / move["folder"] / ("a" + move["suffix"]))
+    (job.folder / "job.json").unlink()  # clean-up had begun: the state file went first
+    job.release()
+    assert open_job(layout, job.folder) is None  # nothing to redo...
+    assert pending_jobs(layout) == []  # ...and the leftovers are gone
+    assert sorted(os.listdir(layout.done)) == ["a.psd"]
+
+
+def test_a_crash_between_claim_and_state_file_is_recovered(tmp_path: Path) -> None:
+    layout = Layout.create(tmp_path)
+    (layout.inbox / "a.psd.toml").write_text("steps = 3\n")
+    folder = layout.work / "20240101-000000-1-abcdef"
+    folder.mkdir()
+    (folder / ".lock").write_bytes(b"")
+    (folder / "a.psd").write_bytes(fake_psd("a"))  # renamed in, then killed
+    job = open_job(layout, folder)
+    assert job is not None and job.name == "a.psd" and job.stage == "claimed"
+    assert job.sidecar is not None  # the sidecar still in the inbox travels with it
+    job.release()
+
+
+def test_name_clashes_never_overwrite(tmp_path: Path) -> None:
+    root = tmp_path
+    for round_ in range(3):
+        (root / "inbox").mkdir(parents=True, exist_ok=True)
+        (root / "inbox" / "poster.psd").write_bytes(fake_psd(f"round {round_}"))
+        assert make_service(root).run() == 0
+    assert sorted(os.listdir(root / "done")) == [
+        "poster (2).preview.png",
+        "poster (2).psd",
+        "poster (3).preview.png",
+        "poster (3).psd",
+        "poster.preview.png",
+        "poster.psd",
+    ]
+    assert [
+        (root / "originals" / n).read_bytes()[26:33] for n in sorted(os.listdir(root / "originals"))
+    ] == [
+        b"round 1",
+        b"round 2",
+        b"round 0",
+    ]
+
+
+# ---------------------------------------------------------------------------
+# the service, in-process
+# ---------------------------------------------------------------------------
+
+
+def test_once_sorts_good_and_bad_files_and_reports_them(tmp_path: Path) -> None:
+    layout = Layout.create(tmp_path)
+    files = {
+        "good.psd": fake_psd("good"),
+        "Upper.PSB": fake_psd("upper"),
+        "indexed.psd": fake_psd("BROKEN"),
+        "bug.psd": fake_psd("BUG"),
+        "photo.psd": b"\xff\xd8\xff\xe0 a renamed JPEG" + b"." * 100,
+        "sided.psd": fake_psd("sided"),
+    }
+    for name, data in files.items():
+        (layout.inbox / name).write_bytes(data)
+    (layout.inbox / "sided.psd.toml").write_text("stepz = 3\n")
+    (layout.inbox / "readme.txt").write_text("not for us")
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+    assert make_service(tmp_path).run() == 0
+
+    assert sorted(os.listdir(layout.done)) == [
+        "Upper.PSB",
+        "Upper.preview.png",
+        "good.preview.png",
+        "good.psd",
+    ]
+    assert os.listdir(layout.inbox) == ["readme.txt"]  # left alone
+    assert pending_jobs(layout) == []
+    for name, digest in digests.items():
+        expected = "originals" if name in ("good.psd", "Upper.PSB") else "failed"
+        assert where_is(tmp_path, digest) == [f"{expected}/{name}"]
+    first = {
+        n: (layout.failed / n).read_text().splitlines()[0]
+        for n in os.listdir(layout.failed)
+        if n.endswith(".error.txt")
+    }
+    assert "Image > Mode > RGB Color" in first["indexed.error.txt"]
+    assert first["indexed.error.txt"].startswith("indexed.psd: ")  # no work/<id>/ path
+    assert "not a Photoshop file" in first["photo.error.txt"]
+    assert "unknown setting 'stepz'" in first["sided.error.txt"]
+    assert "internal error" in first["bug.error.txt"]
+    assert "ZeroDivisionError" in (layout.failed / "bug.error.txt").read_text()  # traceback
+    assert (layout.failed / "sided.psd.toml").read_text() == "stepz = 3\n"
+
+    status = json.loads(layout.status_file.read_text())
+    assert status["state"] == "stopped" and status["counts"] == {"done": 2, "failed": 4}
+    outcomes = {r["name"]: r["outcome"] for r in status["recent"]}
+    assert outcomes["good.psd"] == "done" and outcomes["photo.psd"] == "failed"
+    good = next(r for r in status["recent"] if r["name"] == "good.psd")
+    assert good["done"] == "done/good.psd" and good["seconds"] >= 0 and good["wait_s"] >= 0
+    log = layout.log_file.read_text()
+    assert "ignoring readme.txt" in log and log.count("readme.txt") == 1
+    assert "done good.psd -> done/good.psd" in log
+
+
+def test_stop_cancels_the_running_job_and_the_next_start_finishes_it(tmp_path: Path) -> None:
+    layout = Layout.create(tmp_path)
+    data = fake_psd("cancel me")
+    (layout.inbox / "a.psd").write_bytes(data)
+    service = make_service(tmp_path)
+    service.renderer.on_progress = service.stop  # "SIGTERM" arrives mid-render
+    assert service.run() == 0
+    assert os.listdir(layout.done) == []
+    [folder] = pending_jobs(layout)
+    state = json.loads((folder / "job.json").read_text())
+    assert state["stage"] == "claimed" and state["attempts"] == 0  # requeued, not a crash
+    assert "runs again at the next start" in layout.log_file.read_text()
+
+    assert make_service(tmp_path).run() == 0
+    assert where_is(tmp_path, hashlib.sha256(data).hexdigest()) == ["originals/a.psd"]
+    assert (layout.done / "a.psd").read_bytes() == b"RESULT" + data
+
+
+def test_a_file_that_keeps_killing_the_watcher_is_failed_not_retried_forever(
+    tmp_path: Path,
+) -> None:
+    layout = Layout.create(tmp_path)
+    (layout.inbox / "huge.psd").write_bytes(fake_psd("huge"))
+    job = claim(layout, "huge.psd")
+    for _ in range(MAX_ATTEMPTS):
+        job.start_attempt()  # ...and the process was killed each time
+    job.release()
+    assert make_service(tmp_path).run() == 0
+    report = (layout.failed / "huge.error.txt").read_text()
+    assert f"stopped {MAX_ATTEMPTS} times" in report.splitlines()[0]
+
+
+def test_a_broken_folder_model_stops_the_service_and_keeps_the_file(tmp_path: Path) -> None:
+    layout = Layout.create(tmp_path)
+    data = fake_psd("NOMODEL")
+    (layout.inbox / "a.psd").write_bytes(data)
+    with pytest.raises(ModelError):
+        make_service(tmp_path).run()
+    assert os.listdir(layout.failed) == []  # not the file's fault
+    [folder] = pending_jobs(layout)
+    assert (folder / "a.psd").read_bytes() == data
+
+
+def test_files_dropped_while_watching_are_picked_up_by_events(tmp_path: Path) -> None:
+    layout = Layout.create(tmp_path)
+    service = make_service(tmp_path, once=False, stable=0.2, rescan=60.0)
+    thread = threading.Thread(target=service.run)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        (layout.inbox / "late.psd").write_bytes(fake_psd("late"))
+        deadline = time.monotonic() + 10
+        while not (layout.done / "late.psd").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        service.stop()
+        thread.join(10)
+    assert (layout.done / "late.psd").exists()  # well before the 60 s rescan

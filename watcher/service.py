@@ -1,0 +1,466 @@
+"""The hot folder service behind ``psd-collage watch ROOT``.
+
+One process, one warm :class:`~psd_collage.render.Renderer`, one job at a
+time. Filesystem events (watchdog) only wake the loop up; what is ready is
+decided by scanning the inbox (see :mod:`watcher.stability`), and a periodic
+rescan of inbox/ and work/ catches whatever events were missed, including jobs
+left behind by a watcher that died. Claims are atomic renames and job folders
+are flock'ed (see :mod:`watcher.jobs`), so several watchers may share a ROOT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from psd_collage.errors import Cancelled, CollageError, ModelError, SettingsError
+from psd_collage.settings import read_sidecar, validate_settings
+
+from .jobs import MAX_ATTEMPTS, ClaimError, Job, claim, failure_report, open_job, pending_jobs
+from .layout import Layout
+from .stability import Candidate, StabilityTracker
+from .status import StatusBoard, iso
+
+log = logging.getLogger("psd_collage.watch")
+
+
+class RendererLike(Protocol):
+    def render_file(
+        self,
+        path: Path,
+        output: Path | None = None,
+        *,
+        sidecar: Path | None = None,
+        preview: bool | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> Any: ...
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    """How the service watches (render settings are separate: see ``WatchService``)."""
+
+    stable: float = 2.0  # seconds a file must stay unchanged before it is taken
+    poll: float | None = None  # seconds between polls; None: native events (inotify, FSEvents)
+    once: bool = False  # process what is there, then exit
+    rescan: float = 10.0  # safety-net rescan of inbox/ and work/ (events can be missed)
+
+
+class WatchService:
+    """Watches ``ROOT/inbox`` and renders each stable PSD/PSB into ``ROOT/done``.
+
+    ``settings`` are the watch command's render options: folder-level defaults that
+    win over ``ROOT/collage.toml`` and lose to a file's own sidecar.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        settings: Mapping[str, Any] | None = None,
+        options: WatchOptions | None = None,
+        *,
+        renderer_factory: Callable[[dict[str, Any]], RendererLike] | None = None,
+        header_check: Callable[[Path], object] | None = None,
+    ) -> None:
+        self.options = options or WatchOptions()
+        if self.options.stable < 0 or (self.options.poll is not None and self.options.poll <= 0):
+            raise SettingsError("--stable must be >= 0 and --poll > 0 seconds")
+        self.layout = Layout.create(root)
+        cli = validate_settings(
+            {k: v for k, v in (settings or {}).items() if v is not None}, where="command line"
+        )
+        self.defaults = {**read_sidecar(self.layout.defaults_file), **cli}
+        self.defaults.setdefault("preview", True)
+        if renderer_factory is None:
+            from psd_collage.render import Renderer
+
+            renderer_factory = lambda defaults: Renderer(defaults=defaults)  # noqa: E731
+        if header_check is None:
+            from psd_collage.psd.reader import check_header as header_check
+        self.renderer = renderer_factory(dict(self.defaults))
+        self.tracker = StabilityTracker(
+            self.layout.inbox, self.options.stable, header_check, wall_clock=time.time
+        )
+        shown = {k: v for k, v in self.defaults.items() if k != "layers"}
+        self.board = StatusBoard(
+            self.layout.status_file,
+            settings={**shown, "stable": self.options.stable, "poll": self.options.poll},
+        )
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._last_inbox_scan = float("-inf")
+        self._last_work_scan = float("-inf")
+        self._work_found = True  # look at work/ first thing
+        self._skip_folders: set[str] = set()  # job folders we could not make sense of
+        self._unclaimable: dict[str, object] = {}  # name -> signature whose claim failed
+        self._signals: dict[int, Any] = {}
+
+    # -- control ---------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop taking jobs and cancel the running one (thread- and signal-safe)."""
+        self._stop.set()
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> int:
+        """Run until stopped (or, with ``once``, until the inbox is done). Returns 0."""
+        handlers = self._start_logging()
+        self._install_signals()
+        observer = None
+        try:
+            observer = self._start_observer()
+            log.info(
+                "watching %s (stable %.1f s, %s, model %s)%s",
+                self.layout.inbox,
+                self.options.stable,
+                f"polling every {self.options.poll:g} s" if self.options.poll else "native events",
+                self.defaults.get("model", "default"),
+                ", once" if self.options.once else "",
+            )
+            self.board.state = "idle"
+            self.board.write(force=True)
+            while not self._stop.is_set():
+                if self._step():
+                    continue
+                if self.options.once and self._nothing_left():
+                    log.info("inbox is empty: done (--once)")
+                    break
+                self._sleep()
+            return 0
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
+            self.board.state = "stopped"
+            self.board.running = None
+            self.board.write(force=True)
+            log.info("stopped")
+            self._restore_signals()
+            for handler in handlers:
+                log.removeHandler(handler)
+                handler.close()
+
+    # -- the loop ---------------------------------------------------------------
+    def _step(self) -> bool:
+        """Scan if due, then run at most one job. True when a job ran."""
+        now = time.monotonic()
+        if (
+            self._wake.is_set()
+            or self.tracker.candidates
+            or now - self._last_inbox_scan >= self.options.rescan
+        ):
+            self._wake.clear()
+            self.tracker.scan(now)
+            self._last_inbox_scan = now
+            for name in self.tracker.newly_ignored:
+                log.info("ignoring %s: not a .psd or .psb file", name)
+            self.tracker.newly_ignored.clear()
+        ready, rejected = self.tracker.settle(now)
+        ready = [c for c in ready if self._unclaimable.get(c.name) != c.signature]
+        rejected = [c for c in rejected if self._unclaimable.get(c.name) != c.signature]
+        self._show_queue(ready)
+
+        if self._work_found or now - self._last_work_scan >= self.options.rescan:
+            self._last_work_scan = now
+            self._work_found = self._resume_one()
+            if self._work_found:
+                return True
+        for cand in rejected:
+            if self._stop.is_set():
+                return False
+            if self._take(cand, cand.header_error):
+                return True
+        for cand in ready:
+            if self._stop.is_set():
+                return False
+            if self._take(cand, None):
+                return True
+        return False
+
+    def _nothing_left(self) -> bool:
+        return not self._work_found and all(
+            self._unclaimable.get(c.name) == c.signature for c in self.tracker.candidates.values()
+        )
+
+    def _sleep(self) -> None:
+        now = time.monotonic()
+        waits = [
+            self._last_inbox_scan + self.options.rescan - now,
+            self._last_work_scan + self.options.rescan - now,
+        ]
+        deadline = self.tracker.next_deadline(now)
+        if deadline is not None:
+            waits.append(deadline + 0.01)
+        if self.tracker.candidates:
+            # Re-stat changing files at least a few times per window, even without events.
+            waits.append(max(self.options.stable / 4, 0.05))
+        self._wake.wait(timeout=min(max(0.02, w) for w in waits))
+
+    def _show_queue(self, ready: list[Candidate]) -> None:
+        ready_names = {c.name for c in ready}
+        before = [q["name"] for q in self.board.queued], [w["name"] for w in self.board.waiting]
+        self.board.queued = [
+            {"name": c.name, "size": c.signature[0][0], "ready_at": iso(c.ready_at)} for c in ready
+        ]
+        self.board.waiting = [
+            {
+                "name": c.name,
+                "size": c.signature[0][0],
+                "reason": "not a readable PSD yet" if c.failing_since else "still changing",
+            }
+            for c in self.tracker.candidates.values()
+            if c.name not in ready_names
+        ]
+        after = [q["name"] for q in self.board.queued], [w["name"] for w in self.board.waiting]
+        self.board.write(force=after != before)
+
+    # -- jobs ------------------------------------------------------------------
+    def _take(self, cand: Candidate, header_error: CollageError | None) -> bool:
+        """Claim a ready (or rejected) inbox file; False when another watcher got it first."""
+        facts = {"mtime": cand.mtime, "ready_at": cand.ready_at or time.time()}
+        try:
+            job = claim(self.layout, cand.name, **facts)
+        except ClaimError as exc:
+            log.error("%s", exc)
+            self._unclaimable[cand.name] = cand.signature
+            return False
+        self.tracker.forget([cand.name])
+        if job is None:
+            log.info("%s was taken by another watcher", cand.name)
+            return False
+        log.info("claimed %s as job %s", cand.name, job.id)
+        self._run_job(job, header_error)
+        return True
+
+    def _resume_one(self) -> bool:
+        """Carry on one job left in work/; True when there was one."""
+        for folder in pending_jobs(self.layout):
+            if folder.name in self._skip_folders or self._stop.is_set():
+                continue
+            try:
+                job = open_job(self.layout, folder)
+            except OSError as exc:
+                log.error("cannot open job %s: %s", folder.name, exc)
+                self._skip_folders.add(folder.name)
+                continue
+            if job is None:
+                continue
+            log.info("resuming job %s (%s, %s)", job.id, job.name, job.stage)
+            self._run_job(job, None)
+            return True
+        return False
+
+    def _run_job(self, job: Job, header_error: CollageError | None) -> None:
+        try:
+            if job.stage == "claimed":
+                if header_error is not None:
+                    job.mark_failed(self._report(job, header_error, internal=False))
+                elif not self._render(job):
+                    return  # interrupted: stays in work/ for the next start
+            self._finish(job)
+        finally:
+            job.release()
+
+    def _render(self, job: Job) -> bool:
+        """Render and record the outcome. False when cancelled (the job is requeued)."""
+        attempt = job.start_attempt()
+        if attempt > MAX_ATTEMPTS:
+            exc = CollageError(
+                f"the watcher stopped {attempt - 1} times while working on this file "
+                "(it may need more memory than this machine has): make the canvas smaller "
+                "or render it on a bigger machine with psd-collage render",
+                path=job.name,
+            )
+            job.mark_failed(self._report(job, exc, internal=False))
+            return True
+        started = time.time()
+        self.board.job_started(
+            {
+                "job": job.id,
+                "name": job.name,
+                "attempt": attempt,
+                "started": iso(started),
+                "started_ts": started,
+                "phase": "read",
+                "done": 0,
+                "total": 0,
+            }
+        )
+        log.info("start %s (job %s, attempt %d)", job.name, job.id, attempt)
+        phases: list[str] = []
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if not phases or phases[-1] != phase:
+                phases.append(phase)
+                log.info("%s: %s", job.name, phase)
+            self.board.job_progress(phase, done, total)
+
+        try:
+            output = job.prepare_output()
+            result = self.renderer.render_file(
+                job.input,
+                output,
+                sidecar=job.sidecar,
+                preview=None,
+                progress=progress,
+                cancel=self._stop.is_set,
+            )
+        except Cancelled:
+            job.requeue()
+            log.info("interrupted %s: it stays in work/ and runs again at the next start", job.name)
+            self.board.running = None
+            return False
+        except ModelError as exc:
+            if "model" not in self._sidecar_settings(job):
+                # The folder's model is broken, not this file: keep the job, stop the service.
+                job.requeue()
+                self.board.running = None
+                self.board.message = str(exc)
+                raise
+            job.mark_failed(self._report(job, exc, internal=False))
+        except CollageError as exc:
+            job.mark_failed(self._report(job, exc, internal=False))
+        except Exception as exc:
+            log.exception("internal error on %s", job.name)
+            job.mark_failed(self._report(job, exc, internal=True))
+        else:
+            job.mark_done(
+                Path(result.output),
+                Path(result.preview) if result.preview else None,
+                {
+                    "timings": {k: round(v, 3) for k, v in result.timings.items()},
+                    "variants": result.variants,
+                    "warnings": result.warnings,
+                    "model": result.settings.get("model"),
+                },
+            )
+        return True
+
+    def _finish(self, job: Job) -> None:
+        try:
+            placed = job.finalize()
+        except OSError as exc:
+            log.error("cannot move the results of job %s (%s): %s", job.id, job.name, exc)
+            self._skip_folders.add(job.id)
+            return
+        state = job.state
+        finished = state.get("finished_at") or time.time()
+        entry = {
+            "job": job.id,
+            "name": job.name,
+            "outcome": state["stage"],
+            **{k: str(p.relative_to(self.layout.root)) for k, p in placed.items()},
+            "error": state.get("error"),
+            "attempt": state.get("attempts"),
+            "mtime": iso(state.get("mtime")),
+            "ready_at": iso(state.get("ready_at")),
+            "started": iso(state.get("started_at")),
+            "finished": iso(finished),
+            **self._durations(state, finished),
+            **(state.get("result") or {}),
+        }
+        self.board.job_finished({k: v for k, v in entry.items() if v is not None})
+        where = placed.get("done") or placed.get("failed")
+        shown = where.relative_to(self.layout.root) if where else "?"
+        if state["stage"] == "done":
+            log.info("done %s -> %s (%.1f s)", job.name, shown, entry.get("seconds", 0.0))
+        else:
+            log.warning("failed %s -> %s: %s", job.name, shown, state.get("error"))
+
+    def _durations(self, state: dict[str, Any], finished: float) -> dict[str, float]:
+        """wait_s: ready -> started (the watcher's own latency); seconds: the job itself."""
+        out = {}
+        if state.get("ready_at") and state.get("started_at"):
+            out["wait_s"] = round(state["started_at"] - state["ready_at"], 3)
+        if state.get("started_at"):
+            out["seconds"] = round(finished - state["started_at"], 3)
+        return out
+
+    def _report(self, job: Job, exc: BaseException, *, internal: bool) -> str:
+        text = failure_report(job.name, exc, job_id=job.id, internal=internal)
+        # Messages name the file by its path in work/ or inbox/; the designer knows it by name.
+        for folder in (job.folder, self.layout.inbox):
+            text = text.replace(f"{folder}{os.sep}", "")
+        return text
+
+    def _sidecar_settings(self, job: Job) -> dict[str, Any]:
+        try:
+            return read_sidecar(job.sidecar) if job.sidecar else {}
+        except CollageError:
+            return {}
+
+    # -- plumbing ----------------------------------------------------------------
+    def _start_logging(self) -> list[logging.Handler]:
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        fmt = logging.Formatter(
+            "%(asctime)s.%(msecs)03d [%(process)d] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"
+        )
+        handlers: list[logging.Handler] = [
+            logging.FileHandler(self.layout.log_file, encoding="utf-8"),
+            logging.StreamHandler(sys.stderr),
+        ]
+        for handler in handlers:
+            handler.setFormatter(fmt)
+            log.addHandler(handler)
+        return handlers
+
+    def _start_observer(self):
+        """Filesystem events wake the loop; polling for shares where inotify sees nothing."""
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
+
+        wake = self._wake
+
+        class Wake(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:  # noqa: ANN001
+                wake.set()
+
+        poll = self.options.poll
+        observer = PollingObserver(timeout=poll) if poll else Observer()
+        try:
+            observer.schedule(Wake(), str(self.layout.inbox), recursive=False)
+            observer.start()
+        except OSError as exc:  # e.g. the inotify watch limit: fall back to polling
+            log.warning("file events unavailable (%s): polling every 2 s instead", exc)
+            observer = PollingObserver(timeout=2.0)
+            observer.schedule(Wake(), str(self.layout.inbox), recursive=False)
+            observer.start()
+        return observer
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handle(signum: int, _frame: object) -> None:
+            if self._stop.is_set():
+                raise KeyboardInterrupt  # second signal: stop now (the job stays in work/)
+            log.info(
+                "%s: finishing up; the running job is cancelled and re-run at the next start",
+                signal.Signals(signum).name,
+            )
+            self.board.state = "stopping"
+            self.stop()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._signals[signum] = signal.signal(signum, handle)
+
+    def _restore_signals(self) -> None:
+        for signum, previous in self._signals.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, previous)
+        self._signals.clear()

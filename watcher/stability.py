@@ -1,0 +1,149 @@
+"""When is a dropped file really dropped? Stable on disk for a window, and a readable PSD.
+
+Copies over a network arrive in chunks, sometimes with pauses; saving from
+Photoshop rewrites the file. So a file is only *ready* after its size and
+mtime (and those of its sidecar) have not changed for ``window`` seconds and
+its header checks out. A header that fails while the file is still changing
+means "not there yet", never "broken"; only a file that stays unchanged for a
+further full window with a failing header is *rejected* (it goes to failed/).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from psd_collage.errors import CollageError
+
+from .layout import is_document, is_sidecar, sidecar_name
+
+#: (size, mtime_ns, inode) of the document and of its sidecar (None when absent).
+Signature = tuple[tuple[int, int, int], tuple[int, int, int] | None]
+
+
+@dataclass
+class Candidate:
+    """A document seen in the inbox and what is known about it."""
+
+    name: str
+    signature: Signature
+    first_seen: float  # monotonic
+    changed_at: float  # monotonic time the signature last changed (or first seen)
+    mtime: float  # the document's mtime (wall clock) at the last change
+    header_error: CollageError | None = None
+    header_checked: Signature | None = None
+    failing_since: float | None = None  # monotonic, first failed header check while stable
+    ready_at: float | None = None  # wall clock, when found ready
+
+
+class StabilityTracker:
+    """Tracks the inbox's documents between scans; the service asks what is ready."""
+
+    def __init__(
+        self,
+        inbox: Path,
+        window: float,
+        header_check: Callable[[Path], object],
+        *,
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self.inbox = inbox
+        self.window = window
+        self._check = header_check
+        self._wall = wall_clock
+        self.candidates: dict[str, Candidate] = {}
+        self.ignored: set[str] = set()  # names logged once as "not a PSD/PSB"
+        self.newly_ignored: list[str] = []
+
+    def scan(self, now: float) -> None:
+        """Look at the inbox once (``now``: monotonic seconds)."""
+        try:
+            entries = {e.name: e for e in os.scandir(self.inbox)}
+        except FileNotFoundError:
+            entries = {}
+        seen = set()
+        for name, entry in entries.items():
+            if not is_document(name):
+                if not (name.startswith(".") or is_sidecar(name) or name in self.ignored):
+                    self.ignored.add(name)
+                    self.newly_ignored.append(name)
+                continue
+            try:
+                if not entry.is_file():
+                    continue
+                signature = (_sig(entry.stat()), _sidecar_sig(self.inbox / sidecar_name(name)))
+            except FileNotFoundError:
+                continue  # claimed by someone else between listing and stat
+            seen.add(name)
+            known = self.candidates.get(name)
+            if known is None:
+                self.candidates[name] = Candidate(name, signature, now, now, signature[0][1] / 1e9)
+            elif known.signature != signature:
+                known.signature = signature
+                known.changed_at = now
+                known.mtime = signature[0][1] / 1e9
+                known.failing_since = None
+                known.ready_at = None
+        for name in list(self.candidates):
+            if name not in seen:
+                del self.candidates[name]
+        self.ignored &= set(entries)  # a name that comes back is logged again
+
+    def settle(self, now: float) -> tuple[list[Candidate], list[Candidate]]:
+        """Return (ready, rejected) documents, oldest first; run header checks as needed."""
+        ready, rejected = [], []
+        for cand in sorted(self.candidates.values(), key=lambda c: (c.changed_at, c.name)):
+            if now - cand.changed_at < self.window:
+                continue
+            if cand.header_checked != cand.signature or cand.header_error is not None:
+                cand.header_error = self._header(cand.name)
+                cand.header_checked = cand.signature
+            if cand.header_error is None:
+                if cand.ready_at is None:
+                    cand.ready_at = self._wall()
+                ready.append(cand)
+            elif cand.failing_since is None:
+                cand.failing_since = now
+            elif now - cand.failing_since >= self.window:
+                rejected.append(cand)
+        return ready, rejected
+
+    def unsettled(self) -> bool:
+        """Documents still changing or waiting for their header to be judged."""
+        return any(c.ready_at is None for c in self.candidates.values())
+
+    def next_deadline(self, now: float) -> float | None:
+        """Seconds until a candidate may change state (for the main loop's sleep)."""
+        waits = []
+        for c in self.candidates.values():
+            if c.ready_at is not None:
+                continue
+            start = c.failing_since if c.failing_since is not None else c.changed_at
+            waits.append(max(0.0, start + self.window - now))
+        return min(waits) if waits else None
+
+    def forget(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.candidates.pop(name, None)
+
+    def _header(self, name: str) -> CollageError | None:
+        try:
+            self._check(self.inbox / name)
+        except CollageError as exc:
+            return exc
+        except OSError as exc:
+            return CollageError(f"cannot read the file: {exc.strerror}", path=name)
+        return None
+
+
+def _sig(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _sidecar_sig(path: Path) -> tuple[int, int, int] | None:
+    try:
+        return _sig(path.stat())
+    except FileNotFoundError:
+        return None

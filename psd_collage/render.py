@@ -366,22 +366,25 @@ def _resize_rgb(image_u8: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def write_preview(
-    path: Path, source: np.ndarray, variants: Sequence[np.ndarray], height: int = 384
+    path: Path,
+    source: np.ndarray,
+    variants: Sequence[np.ndarray],
+    pin: np.ndarray | None = None,
+    height: int = 384,
 ) -> Path:
-    """Source and variants side by side, so results can be browsed without Photoshop."""
-    tiles = [Image.fromarray(source, "RGB")] + [Image.fromarray(_to_u8(v), "RGB") for v in variants]
-    scaled = [
-        t.resize((max(1, round(t.width * height / t.height)), height), Image.Resampling.LANCZOS)
-        for t in tiles
-    ]
+    """Source and variants side by side, so results can be browsed without Photoshop.
+
+    The variants show what the PSD layers hold: pinned pixels pasted back from the source.
+    """
+    doc_h, doc_w = source.shape[:2]
+    size = (max(1, round(doc_w * height / doc_h)), height)
+    base = _resize_rgb(source, size)
+    weight = masks.resize_map(pin, size)[..., None] if pin is not None else 0.0
+    tiles = [base] + [_resize_rgb(_to_u8(v), size) * (1 - weight) + base * weight for v in variants]
     gap = 8
-    sheet = Image.new(
-        "RGB", (sum(t.width for t in scaled) + gap * (len(scaled) - 1), height), "white"
-    )
-    x = 0
-    for tile in scaled:
-        sheet.paste(tile, (x, 0))
-        x += tile.width + gap
+    sheet = Image.new("RGB", (len(tiles) * (size[0] + gap) - gap, height), "white")
+    for k, tile in enumerate(tiles):
+        sheet.paste(Image.fromarray(_to_u8(tile), "RGB"), (k * (size[0] + gap), 0))
     return atomic_write(path, lambda fh: sheet.save(fh, format="PNG"))
 
 

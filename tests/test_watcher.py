@@ -11,8 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -411,3 +415,223 @@ def test_files_dropped_while_watching_are_picked_up_by_events(tmp_path: Path) ->
         service.stop()
         thread.join(10)
     assert (layout.done / "late.psd").exists()  # well before the 60 s rescan
+
+
+# ---------------------------------------------------------------------------
+# the real command: subprocesses, the tiny model, real PSDs, events and signals
+# ---------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "psd-fixtures"
+INDEXED = FIXTURES / "colormodes" / "4x4_8bit_index_color.psd"
+
+
+def make_psd(path: Path, seed: int, size: int = 64) -> bytes:
+    """A small two-layer collage as Photoshop users make them: a background and a caption."""
+    import numpy as np
+    from PIL import Image
+    from psd_tools import PSDImage
+    from psd_tools.api.layers import PixelLayer
+
+    rng = np.random.default_rng(seed)
+    psd = PSDImage.new("RGB", (size, size))
+    back = np.full((size, size, 3), rng.integers(0, 255, 3), np.uint8)
+    psd.append(PixelLayer.frompil(Image.fromarray(back, "RGB"), psd, "green grass", 0, 0))
+    box = np.full((size // 2, size // 2, 3), rng.integers(0, 255, 3), np.uint8)
+    psd.append(PixelLayer.frompil(Image.fromarray(box, "RGB"), psd, "a red box", 16, 16))
+    psd.save(path)
+    return path.read_bytes()
+
+
+def start_watch(root: Path, log: Path, *extra: str, stable: float = 0.5) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "psd_collage.cli", "watch", str(root), "--stable", str(stable)]
+    cmd += ["--model", "tiny", "--steps", "1", "--variants", "1", "--seed", "1", *extra]
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_until(predicate, timeout: float, *procs: subprocess.Popen, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        for proc in procs:
+            assert proc.poll() is None, (
+                f"watcher exited early ({proc.returncode}) waiting for {what}"
+            )
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status_of(root: Path) -> dict:
+    try:
+        return json.loads((root / "status.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def harmonized(path: Path) -> bool:
+    from psd_tools import PSDImage
+
+    return any(layer.name.startswith("[harmonized]") for layer in PSDImage.open(path))
+
+
+def exactly_one_place(root: Path, digests: dict[str, str], expected: dict[str, str]) -> None:
+    """Each input's bytes exist in exactly one place: originals/NAME or failed/NAME."""
+    for name, digest in digests.items():
+        assert where_is(root, digest) == [f"{expected[name]}/{name}"], name
+
+
+def test_watch_takes_drops_and_slow_copies_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    root, log = tmp_path / "hot", tmp_path / "watch.out"
+    proc = start_watch(root, log)
+    try:
+        wait_until(lambda: status_of(root).get("state") == "idle", 60, proc, what="start-up")
+        # A drop: saved elsewhere, moved in (one rename, as Finder does on one volume).
+        dropped = make_psd(tmp_path / "drop.psd", 1)
+        os.rename(tmp_path / "drop.psd", root / "inbox" / "drop.psd")
+        # A slow copy: 12 chunks over ~3 s, much longer than the 0.5 s window in total.
+        slow = make_psd(tmp_path / "slow.psd", 2)
+        chunks = [
+            slow[i : i + len(slow) // 12 + 1] for i in range(0, len(slow), len(slow) // 12 + 1)
+        ]
+        with open(root / "inbox" / "slow.psd", "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                fh.flush()
+                time.sleep(0.25)
+        copied_at = time.time()
+        wait_until(
+            lambda: (root / "done" / "slow.psd").exists() and (root / "done" / "drop.psd").exists(),
+            180,
+            proc,
+            what="both files in done/",
+        )
+        # SIGTERM while a job runs: it is cancelled (stays in work/) or finishes; exit 0.
+        third = make_psd(tmp_path / "third.psd", 3)
+        os.rename(tmp_path / "third.psd", root / "inbox" / "third.psd")
+        wait_until(lambda: status_of(root).get("running"), 60, proc, what="the third job")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    places = where_is(root, hashlib.sha256(third).hexdigest())
+    if places != ["originals/third.psd"]:
+        [left] = pending_jobs(Layout(root))
+        assert places == [f"work/{left.name}/third.psd"]
+        assert json.loads((left / "job.json").read_text())["attempts"] == 0  # requeued
+    exactly_one_place(
+        root,
+        {
+            "drop.psd": hashlib.sha256(dropped).hexdigest(),
+            "slow.psd": hashlib.sha256(slow).hexdigest(),
+        },
+        {"drop.psd": "originals", "slow.psd": "originals"},
+    )
+    assert os.listdir(root / "failed") == []
+    assert harmonized(root / "done" / "slow.psd") and harmonized(root / "done" / "drop.psd")
+    assert (root / "done" / "slow.preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    status = status_of(root)
+    assert status["state"] == "stopped" and status["counts"]["failed"] == 0
+    slow_entry = next(r for r in status["recent"] if r["name"] == "slow.psd")
+    started = datetime.fromisoformat(slow_entry["started"]).timestamp()
+    assert started >= copied_at + 0.5 - 0.05  # not before the copy ended plus the window
+    text = (root / "watch.log").read_text()
+    assert "done slow.psd -> done/slow.psd" in text and "SIGTERM" in text
+
+
+def test_kill_9_mid_job_then_two_watchers_finish_every_file_exactly_once(tmp_path: Path) -> None:
+    root, log = tmp_path / "hot", tmp_path / "watch.out"
+    (root / "inbox").mkdir(parents=True)
+    inbox = root / "inbox"
+    digests, expected = {}, {}
+    for i in range(20):  # twenty files dropped at once
+        data = make_psd(inbox / f"f{i:02d}.psd", i)
+        digests[f"f{i:02d}.psd"], expected[f"f{i:02d}.psd"] = (
+            hashlib.sha256(data).hexdigest(),
+            "originals",
+        )
+    bad = {
+        "truncated.psd": make_psd(tmp_path / "t.psd", 99)[:300],
+        "holiday.psd": _jpeg_bytes(),
+        "sidecar.psd": make_psd(tmp_path / "s.psd", 98),
+    }
+    if INDEXED.exists():
+        bad["indexed.psd"] = INDEXED.read_bytes()
+    for name, data in bad.items():
+        (inbox / name).write_bytes(data)
+        digests[name], expected[name] = hashlib.sha256(data).hexdigest(), "failed"
+    (inbox / "sidecar.psd.toml").write_text('prompt = "a picnic"\nstepz = 4\n')
+    (inbox / "notes.txt").write_text("left alone")
+
+    killed = start_watch(root, log, "--poll", "0.3")
+    try:
+        wait_until(lambda: status_of(root).get("running"), 120, killed, what="a running job")
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(30)
+    [left] = pending_jobs(Layout(root))  # the job it was working on stays in work/
+    assert json.loads((left / "job.json").read_text())["stage"] == "claimed"
+
+    first = start_watch(root, log, "--once", "--poll", "0.3")
+    second = start_watch(root, log, "--once")
+    try:
+        assert first.wait(240) == 0 and second.wait(240) == 0
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.kill()
+
+    exactly_one_place(root, digests, expected)
+    done = sorted(p.name for p in (root / "done").iterdir() if p.suffix == ".psd")
+    assert done == sorted(n for n, e in expected.items() if e == "originals")  # none twice
+    assert sorted(os.listdir(root / "inbox")) == ["notes.txt"] and pending_jobs(Layout(root)) == []
+    assert harmonized(root / "done" / "f00.psd")
+    errors = {p.name: p.read_text().splitlines()[0] for p in (root / "failed").glob("*.error.txt")}
+    assert set(errors) == {Path(n).stem + ".error.txt" for n in bad}
+    assert "JPEG" in errors["holiday.error.txt"]
+    assert "stepz" in errors["sidecar.error.txt"]
+    assert (
+        "sidecar.psd" in errors["sidecar.error.txt"] and "work/" not in errors["sidecar.error.txt"]
+    )
+    if INDEXED.exists():
+        assert "Indexed" in errors["indexed.error.txt"]
+    assert (root / "failed" / "sidecar.psd.toml").exists()
+    text = (root / "watch.log").read_text()
+    for name in digests:  # finished once, by one of the watchers
+        assert (
+            len(
+                [
+                    line
+                    for line in text.splitlines()
+                    if f"] INFO done {name} " in line or f"] WARNING failed {name} " in line
+                ]
+            )
+            == 1
+        ), name
+    assert text.count("ignoring notes.txt") >= 1
+    assert "resuming job" in text
+
+
+def _jpeg_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_a_bad_root_or_collage_toml_stops_at_start_with_one_error_line(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "psd_collage.cli", "watch", "--once"]
+    missing = subprocess.run([*cmd, str(tmp_path / "no" / "such")], capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'no' / 'such'}: the folder above it does not exist: check the path or create it first"
+    ]
+    (tmp_path / "collage.toml").write_text("variants = 0\n")
+    bad = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2
+    [line] = bad.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "collage.toml" in line and "variants" in line

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import readers
 from psd_tools import PSDImage
-from psd_tools.constants import Resource
+from psd_tools.constants import Resource, Tag
 from psd_tools.psd import PSD
 from psd_tools.psd.image_resources import ImageResource, VersionInfo
 
@@ -85,9 +85,23 @@ def sha256(path: Path) -> str:
 # --- reading outputs ---------------------------------------------------------------
 
 
-def read_record(path: Path) -> PSD:
+def fresh_record(path: Path) -> PSD:
     with open(path, "rb") as fh:
         return PSD.read(fh)
+
+
+_PARSED: dict[tuple, PSD] = {}
+
+
+def read_record(path: Path) -> PSD:
+    """Parsed once per file version (psd-tools takes ~1 s on pen-text.psd); don't mutate."""
+    stat = Path(path).stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _PARSED:
+        if len(_PARSED) >= 4:  # a few documents, not the whole session's
+            del _PARSED[next(iter(_PARSED))]
+        _PARSED[key] = fresh_record(path)
+    return _PARSED[key]
 
 
 def merged_raw(document: PSD) -> np.ndarray:
@@ -145,10 +159,22 @@ def assert_originals_untouched(source: Path, output: Path, added: int) -> None:
         ), f"pixels of layer {index} changed"
     sign = -1 if old is not None and old.layer_count < 0 else 1
     assert new.layer_count == sign * (count + added)
+    # Document-wide blocks: patterns, embedded/linked smart-object data, filter masks...
+    old_info, new_info = before.layer_and_mask_information, after.layer_and_mask_information
+    layer_blocks = (Tag.LAYER_16, Tag.LAYER_32)
+    old_blocks = {k: v for k, v in (old_info.tagged_blocks or {}).items() if k not in layer_blocks}
+    new_blocks = {k: v for k, v in (new_info.tagged_blocks or {}).items() if k not in layer_blocks}
+    assert list(new_blocks) == list(old_blocks)
+    for key, block in old_blocks.items():
+        assert serialized(new_blocks[key], version) == serialized(block, version), key
+    if old_info.global_layer_mask_info is not None:
+        assert serialized(new_info.global_layer_mask_info) == serialized(
+            old_info.global_layer_mask_info
+        )
 
 
 def harmonized_group(path: Path):
-    psd = PSDImage.open(path)
+    psd = PSDImage(read_record(path))
     group = psd[-1]
     assert group.kind == "group"
     return psd, group
@@ -203,6 +229,9 @@ def test_variants_are_stored_in_the_documents_own_mode_and_depth(tmp_path, mode,
     for layer, variant in zip(layers, variants, strict=True):
         colour, transparency = layer_raw(layer, document.header)
         assert transparency is not None and (transparency == _SCALE[depth]).all(), "not opaque"
+        # Transparency plus colour channels only: no layer mask (-2), as frompil would add.
+        ids = [int(info.id) for info in layer._record.channel_info]
+        assert ids == list(range(-1, _CHANNELS[_MODE[mode]]))
         # Pinned pixels are the source's, bit for bit.
         assert np.array_equal(colour[kept], source_pixels[kept])
         # Free pixels are the variant within quantisation.
@@ -216,6 +245,24 @@ def test_variants_are_stored_in_the_documents_own_mode_and_depth(tmp_path, mode,
     # The flattened image is the visible variant, not a recomposite.
     visible, _ = layer_raw(layers[0], document.header)
     assert np.array_equal(merged_raw(document), visible)
+
+
+def test_feathered_pin_edges_mix_source_and_variant(tmp_path):
+    """A thin band of partial weights (the feathered edge of a pinned region)."""
+    source = build(tmp_path / "in.psd", "RGB", 8, size=(64, 48))
+    variants = random_variants(48, 64, count=1)
+    pin = np.zeros((48, 64), np.float32)
+    pin[:, :30] = 1.0
+    pin[:, 30:33] = [0.75, 0.5, 0.25]
+    output = write_variants(source, tmp_path / "out.psd", variants, NAMES[:1], GROUP, pin=pin)
+    _, layers = check_group(output, NAMES[:1])
+    colour, _ = layer_raw(layers[0], read_record(output).header)
+    src = merged_raw(read_record(source)).astype(np.float64)
+    new = expected_native(variants[0], "RGB", 8, None)
+    weight = pin[..., None]
+    mix = src * weight + new * (1.0 - weight)
+    assert np.abs(colour.astype(np.float64) - mix).max() <= 0.5 + 1e-3
+    assert np.array_equal(colour[:, :30], src[:, :30].astype(np.uint8))
 
 
 def test_group_records_carry_the_documents_channel_ids(tmp_path):
@@ -340,7 +387,7 @@ FIXTURES = [
 def test_photoshop_files_keep_everything_and_gain_one_group(fixtures_dir, tmp_path, name):
     source = fixtures_dir / name
     digest = sha256(source)
-    before = PSDImage.open(source)
+    before = PSDImage(read_record(source))
     icc = before.image_resources.get_data(Resource.ICC_PROFILE)
     mode = before.color_mode.name
     width, height, depth = before.width, before.height, before.depth
@@ -392,7 +439,7 @@ def test_imagemagick_reads_photoshop_files_after_writing(fixtures_dir, tmp_path,
 
 def test_merged_extra_channels_are_kept_and_transparency_made_opaque(tmp_path):
     source = build(tmp_path / "in.psd", "RGB", 8, alpha_channel=True)
-    document = read_record(source)
+    document = fresh_record(source)
     assert document.header.channels == 4 and document._get_layer_info().layer_count > 0
     selection = merged_raw(document)[..., 3].copy()
     selection[3:9, 4:20] = 77  # a saved selection with content
@@ -419,7 +466,7 @@ def test_merged_extra_channels_are_kept_and_transparency_made_opaque(tmp_path):
 def test_without_a_real_merged_image_pins_to_the_layer_composite(tmp_path):
     """Files saved without "Maximize compatibility" carry a blank merged image."""
     source = build(tmp_path / "in.psd", "RGB", 8)
-    document = read_record(source)
+    document = fresh_record(source)
     composite = merged_raw(document).copy()
     blank = [np.full((24, 32), 255, np.uint8).tobytes()] * 3
     document.image_data.set_data(blank, document.header)

@@ -450,7 +450,8 @@ class WatchService:
             if self._stop.is_set():
                 raise KeyboardInterrupt  # second signal: stop now (the job stays in work/)
             log.info(
-                "%s: finishing up; the running job is cancelled and re-run at the next start",
+                "%s: stopping; a running job is cancelled at its next step (and runs again "
+                "at the next start) or finishes first",
                 signal.Signals(signum).name,
             )
             self.board.state = "stopping"

@@ -160,6 +160,31 @@ class Engine:
         cancel: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Harmonize ``request.image`` once per seed. ``cancel()`` True raises Cancelled."""
+        result, _, _ = self._run(request, progress, cancel, decode=True)
+        return result
+
+    def sample_latents(
+        self,
+        request: GenerationRequest,
+        progress: Callable[[int, int], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final latents (n, 4, h/8, w/8), original latents (1, 4, h/8, w/8)), float32, undecoded.
+
+        For diagnostics and tests of the noise map: pixels of strength 0 come back as
+        the original latents exactly.
+        """
+        _, latents, original = self._run(request, progress, cancel, decode=False)
+        return latents, original
+
+    def _run(
+        self,
+        request: GenerationRequest,
+        progress: Callable[[int, int], None] | None,
+        cancel: Callable[[], bool] | None,
+        *,
+        decode: bool,
+    ) -> tuple[GenerationResult, torch.Tensor, torch.Tensor]:
         _validate(request)
         components = self.components
         timings = {"encode": 0.0, "sample": 0.0, "decode": 0.0}
@@ -194,7 +219,8 @@ class Engine:
         steps_run = request.steps - int(first_step(request.steps, float(strength.max())))
         if steps_run <= 0:  # nothing may change: hand back the input itself
             image = np.clip(request.image.astype(np.float32), 0.0, 1.0)
-            return GenerationResult([image.copy() for _ in seeds], prompt, warnings, timings)
+            result = GenerationResult([image.copy() for _ in seeds], prompt, warnings, timings)
+            return result, original.expand(len(seeds), -1, -1, -1).clone(), original
 
         self._set_steering(request, spans, latent_size)
         chunks = [seeds[i : i + self.max_batch] for i in range(0, len(seeds), self.max_batch)]
@@ -208,6 +234,7 @@ class Engine:
                 progress(min(done, total), total)
 
         images: list[np.ndarray] = []
+        all_latents: list[torch.Tensor] = []
         try:
             for chunk in chunks:
                 conditioning = self._conditioning(cond, uncond, len(chunk), (height, width))
@@ -227,13 +254,17 @@ class Engine:
                         cancel,
                     )
                 timings["sample"] += time.perf_counter() - started
+                if not decode:
+                    all_latents.append(latents)
+                    continue
                 started = time.perf_counter()
                 with self._on_device(components.vae):
                     images.extend(decode_latents(components.vae, latents))
                 timings["decode"] += time.perf_counter() - started
         finally:
             self.steering.clear()
-        return GenerationResult(images, prompt, warnings, timings)
+        stacked = torch.cat(all_latents) if all_latents else original[:0]
+        return GenerationResult(images, prompt, warnings, timings), stacked, original
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -278,8 +309,9 @@ class Engine:
             masks.append(torch.from_numpy(np.asarray(phrase.mask, dtype=np.float32)))
             weights.append((float(phrase.inside), float(phrase.outside)))
             token_phrase[list(span.positions())] = index
+        self.steering.clear()
+        self.steering.latent_size = latent_size  # recorders need it even without phrases
         if not masks:
-            self.steering.clear()
             return
         self.steering.set_phrases(
             torch.stack(masks).clamp(0.0, 1.0).to(self.device),

@@ -70,7 +70,7 @@ class SteeringState:
     def clear(self) -> None:
         """Back to plain attention (also drops the per-resolution tensors)."""
         self.masks = self.weights = self.token_phrase = None
-        self.cond_start, self.factor = 0, 0.0
+        self.cond_start, self.factor, self.latent_size = 0, 0.0, (0, 0)
         self._bias.clear()
 
     def grid(self, length: int) -> tuple[int, int]:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -659,6 +660,13 @@ def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool) -> ModelC
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype, allow_pickle: bool) -> ModelComponents:
+    with warnings.catch_warnings():
+        # diffusers passes a deprecated argument to huggingface_hub on every hub load.
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        return _load_hub_quietly(repo_id, dtype, allow_pickle)
+
+
+def _load_hub_quietly(repo_id: str, dtype: torch.dtype, allow_pickle: bool) -> ModelComponents:
     advice = (
         f"download it once with `huggingface-cli download {repo_id}`, point --model at a "
         "diffusers folder or a .safetensors file, or use --model tiny"
@@ -676,7 +684,9 @@ def _load_hub(repo_id: str, dtype: torch.dtype, allow_pickle: bool) -> ModelComp
         return _load_diffusers(repo_id, dtype, allow_pickle, local_files_only=False)
     except _LOAD_ERRORS as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ModelError(f"model {repo_id!r} could not be loaded ({reason}): {advice}") from None
+        raise ModelError(
+            f"model {repo_id!r} could not be loaded from the Hugging Face hub ({reason}): {advice}"
+        ) from None
 
 
 def load_components(

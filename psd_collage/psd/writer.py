@@ -60,6 +60,7 @@ _DTYPES: dict[int, np.dtype] = {
     32: np.dtype(">f4"),
 }
 _FULL_SCALE: dict[int, float] = {8: 255.0, 16: 65535.0, 32: 1.0}
+_CHANNELS = {name: count for name, count in _MODES.values()}
 
 # Rows are converted a strip at a time so that an 8000 x 6000 variant costs one
 # strip of float32 scratch, not several full-canvas float arrays.
@@ -185,6 +186,8 @@ def _read(path: Path) -> PSD:
         raise CollageError("file not found", path=path) from exc
     except OSError as exc:
         raise CollageError(f"cannot read the file ({exc.strerror})", path=path) from exc
+    except MemoryError:
+        raise
     except Exception as exc:  # psd-tools raises ValueError, struct.error, EOFError...
         raise CollageError(
             f"not a readable Photoshop PSD/PSB file ({type(exc).__name__}: {exc}); "
@@ -437,30 +440,48 @@ def _native_planes(
 ) -> np.ndarray:
     """sRGB variant -> (channels, H, W) raw samples in the document's mode and depth.
 
-    Pinned pixels are mixed in at full scale *before* rounding with
-    ``source * pin + new * (1 - pin)``: at pin == 1 that is exactly ``source`` (an
-    integer or float32 times one plus zero), so the output equals the source bit
-    for bit, also at 32 bits where ``new + (source - new)`` would not be.
+    Where pin == 1 the source's raw samples are copied, so the output equals the
+    source bit for bit at any depth. Where 0 < pin < 1 they are mixed in at full
+    scale before rounding, ``source * pin + new * (1 - pin)``. Float work is one
+    reused (channels, rows, W) float32 strip, a few passes per strip.
     """
     height, width = variant.shape[:2]
     scale = _FULL_SCALE[depth]
-    channels = 4 if mode == "CMYK" else (1 if mode == "GRAYSCALE" else 3)
+    channels = _CHANNELS[mode]
     out = np.empty((channels, height, width), _DTYPES[depth])
     rows = max(1, _STRIP_PIXELS // width)
+    buffer = np.empty((channels, min(rows, height), width), np.float32)
     for top in range(0, height, rows):
         bottom = min(top + rows, height)
-        rgb = np.clip(np.asarray(variant[top:bottom], np.float32), 0.0, 1.0)
-        native = from_srgb(rgb, mode, icc)  # a fresh array: safe to change in place
-        if mode == "CMYK":
-            np.subtract(1.0, native, out=native)  # PSD stores ink left: 255 = no ink
-        if scale != 1.0:
-            native *= scale
+        work = buffer[:, : bottom - top]
+        native = from_srgb(np.asarray(variant[top:bottom], np.float32), mode, icc)
         native = native.transpose(2, 0, 1)
+        if mode == "CMYK":  # PSD stores ink left: full scale = no ink
+            np.subtract(1.0, native, out=work)
+            work *= scale
+        else:
+            np.multiply(native, scale, out=work)
+        if depth == 32:  # no rounding below: keep the new values in range here
+            np.clip(work, 0.0, 1.0, out=work)
+        target = out[:, top:bottom]
         if pin is not None and pinned is not None:
             weight = np.asarray(pin[top:bottom], np.float32)
-            kept = pinned[:, top:bottom].astype(np.float32)
-            native = kept * weight + native * (1.0 - weight)
-        out[:, top:bottom] = _quantise(native, depth)
+            partial = (weight > 0.0) & (weight < 1.0)
+            count = int(np.count_nonzero(partial))
+            if 0 < count <= partial.size // 8:  # feathered edges: only those pixels
+                share = weight[partial]
+                kept = pinned[:, top:bottom][:, partial].astype(np.float32)
+                work[:, partial] = kept * share + work[:, partial] * (1.0 - share)
+            elif count:  # mostly fractional: dense passes beat fancy indexing
+                kept = pinned[:, top:bottom].astype(np.float32)
+                np.copyto(work, kept * weight + work * (1.0 - weight), where=partial)
+        if depth != 32:
+            np.rint(work, out=work)
+            np.clip(work, 0.0, scale, out=work)
+        target[...] = work  # casts (and byte-swaps) into the raw sample type
+        if pin is not None and pinned is not None:
+            # copyto(where=) rather than target[:, mask]: 25x faster on big masks.
+            np.copyto(target, pinned[:, top:bottom], where=(weight >= 1.0)[None])
     return out
 
 

@@ -1,0 +1,79 @@
+"""Finding layer captions in the prompt: appended when missing, reported when out of reach."""
+
+from __future__ import annotations
+
+import numpy as np
+from engine_helpers import random_image, tiny_engine
+
+from psd_collage.engine import GenerationRequest, SteeredPhrase
+from psd_collage.engine.tiny_vocab import build_tiny_tokenizer
+from psd_collage.engine.tokens import locate_captions
+
+
+def _tokens_at(tokenizer, prompt, span):
+    ids = tokenizer(prompt).input_ids
+    return tokenizer.convert_ids_to_tokens(ids[span.start : span.start + span.length])
+
+
+def test_caption_in_prompt_is_found_where_it_is():
+    tok = build_tiny_tokenizer()
+    prompt, spans, warnings = locate_captions([tok], "A photo of a Red Car on a street", ["red car"])
+    assert prompt == "A photo of a Red Car on a street" and warnings == []
+    assert _tokens_at(tok, prompt, spans[0]) == ["red</w>", "car</w>"]
+
+
+def test_missing_captions_are_appended_and_never_share_tokens():
+    tok = build_tiny_tokenizer()
+    prompt, spans, warnings = locate_captions(
+        [tok], "a red car in a city", ["car", "red car", "old tree", None]
+    )
+    assert prompt == "a red car in a city, car, old tree"
+    assert warnings == [] and spans[3] is None
+    assert _tokens_at(tok, prompt, spans[1]) == ["red</w>", "car</w>"]
+    assert _tokens_at(tok, prompt, spans[0]) == ["car</w>"]
+    assert spans[0].start > spans[1].start + 1  # the appended "car", not the one in "red car"
+    assert _tokens_at(tok, prompt, spans[2]) == ["old</w>", "tree</w>"]
+
+
+def test_caption_beyond_the_token_limit_warns_and_is_not_steered():
+    tok = build_tiny_tokenizer()
+    long_prompt = " ".join(["a big old house"] * 20)  # 80 tokens
+    prompt, spans, warnings = locate_captions([tok], long_prompt, ["red car", "big old house"])
+    assert prompt.endswith(", red car")
+    assert spans[0] is None and spans[1] is not None
+    assert len(warnings) == 1 and "'red car'" in warnings[0] and "77" in warnings[0]
+
+
+def test_textual_inversion_tokens_are_located():
+    tok = build_tiny_tokenizer()
+    tok.add_tokens(["<ti-3a9f>"])
+    prompt, spans, _ = locate_captions([tok], "a <ti-3a9f> red car on a road", ["<ti-3a9f> red car"])
+    assert _tokens_at(tok, prompt, spans[0]) == ["<ti-3a9f>", "red</w>", "car</w>"]
+
+
+def test_sdxl_uses_both_tokenizers():
+    engine = tiny_engine("tiny-sdxl")
+    prompt, spans, warnings = locate_captions(engine.components.tokenizers, "a dog", ["blue sky"])
+    assert prompt == "a dog, blue sky" and warnings == [] and spans[0].start == 4
+
+
+def test_generation_reports_the_prompt_it_used_and_unlocatable_captions():
+    engine = tiny_engine("tiny")
+    h, w = 64, 64
+    mask = np.zeros((h, w), np.float32)
+    mask[:32] = 1.0
+    phrases = [
+        SteeredPhrase("yellow boat", mask, 0.6, 0.9),
+        SteeredPhrase("hidden layer", np.zeros((h, w), np.float32), 0.6, 0.9),
+    ]
+    request = GenerationRequest(
+        random_image(h, w), np.full((h, w), 0.6, np.float32), "a lake", phrases=phrases, steps=3
+    )
+    result = engine.generate(request)
+    assert result.prompt == "a lake, yellow boat"  # fully hidden layers add nothing
+    assert result.warnings == []
+    request.prompt = " ".join(["a calm lake"] * 30)
+    result = engine.generate(request)
+    assert result.prompt.endswith(", yellow boat")
+    assert len(result.warnings) == 1 and "yellow boat" in result.warnings[0]
+    assert len(result.images) == 1

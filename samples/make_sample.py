@@ -119,7 +119,10 @@ def xmp_packet(description: str) -> bytes:
 
 
 def srgb_profile() -> bytes:
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    """Little CMS's sRGB profile, with its creation date fixed so the build is reproducible."""
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    data[24:36] = (2024).to_bytes(2, "big") + bytes([0, 1, 0, 1, 0, 0, 0, 0, 0, 0])
+    return bytes(data)  # bytes 84..99 (profile ID) are zero: no checksum to update
 
 
 def build(path: Path) -> Path:

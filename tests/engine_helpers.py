@@ -41,9 +41,14 @@ def two_phrase_request(
 ) -> GenerationRequest:
     """A street scene with a car on the left third and a tree in the bottom-right quarter."""
     phrases = [
-        SteeredPhrase("red car", box_mask(height, width, 0, 0, height, width // 3), inside, outside),
         SteeredPhrase(
-            "old tree", box_mask(height, width, height // 2, width // 2, height, width), inside, outside
+            "red car", box_mask(height, width, 0, 0, height, width // 3), inside, outside
+        ),
+        SteeredPhrase(
+            "old tree",
+            box_mask(height, width, height // 2, width // 2, height, width),
+            inside,
+            outside,
         ),
     ]
     options = {"seeds": [0], "steps": 6, **kwargs}

@@ -21,7 +21,11 @@ from psd_collage.errors import ModelError, SettingsError
 
 def _image_for(engine, seed: int = 4) -> np.ndarray:
     request = GenerationRequest(
-        random_image(64, 128), np.full((64, 128), 0.7, np.float32), "a red car", seeds=[seed], steps=3
+        random_image(64, 128),
+        np.full((64, 128), 0.7, np.float32),
+        "a red car",
+        seeds=[seed],
+        steps=3,
     )
     return engine.generate(request).images[0]
 
@@ -29,7 +33,9 @@ def _image_for(engine, seed: int = 4) -> np.ndarray:
 def test_tiny_builds_deterministically():
     a, b = build_tiny_components("sd1"), build_tiny_components("sd1")
     for (name, first), (_, second) in zip(a.modules(), b.modules(), strict=True):
-        for (key, x), y in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        for (key, x), y in zip(
+            first.state_dict().items(), second.state_dict().values(), strict=True
+        ):
             assert torch.equal(x, y), (name, key)
     assert a.vae_scale_factor == 8 and a.native_resolution == 256
     assert len(a.tokenizers[0]("a red vintage car", add_special_tokens=False).input_ids) == 4
@@ -119,8 +125,13 @@ def test_folder_without_model_index_is_explained(tmp_path):
 def test_kind_comes_from_the_model_configs():
     assert detect_kind({"cross_attention_dim": 768}, False) == "sd1"
     assert detect_kind({"cross_attention_dim": 1024}, False) == "sd2"
-    assert detect_kind({"cross_attention_dim": 2048, "addition_embed_type": "text_time"}, True) == "sdxl"
-    assert detect_kind({"cross_attention_dim": 64, "addition_embed_type": "text_time"}, True) == "sdxl"
+    assert (
+        detect_kind({"cross_attention_dim": 2048, "addition_embed_type": "text_time"}, True)
+        == "sdxl"
+    )
+    assert (
+        detect_kind({"cross_attention_dim": 64, "addition_embed_type": "text_time"}, True) == "sdxl"
+    )
     assert tiny_engine("tiny-sdxl").kind == "sdxl"
 
 

@@ -120,7 +120,9 @@ def test_every_scheduler_runs_and_keeps_zero_strength_exact(scheduler):
     strength = np.zeros((64, 128), np.float32)
     strength[:, 64:] = 1.0
     request = GenerationRequest(random_image(64, 128), strength, "a boat", seeds=[5], steps=4)
-    latents, original = engine.sample_latents(request)
+    seen: list[tuple[int, int]] = []
+    latents, original = engine.sample_latents(request, progress=lambda *p: seen.append(p))
+    assert seen and seen[-1][0] == seen[-1][1] == len(seen) >= 4
     assert torch.isfinite(latents).all()
     assert torch.equal(latents[..., :8], original[..., :8])
     assert (latents[..., 9:] - original[..., 9:]).abs().mean() > 0.05

@@ -17,7 +17,9 @@ def _tokens_at(tokenizer, prompt, span):
 
 def test_caption_in_prompt_is_found_where_it_is():
     tok = build_tiny_tokenizer()
-    prompt, spans, warnings = locate_captions([tok], "A photo of a Red Car on a street", ["red car"])
+    prompt, spans, warnings = locate_captions(
+        [tok], "A photo of a Red Car on a street", ["red car"]
+    )
     assert prompt == "A photo of a Red Car on a street" and warnings == []
     assert _tokens_at(tok, prompt, spans[0]) == ["red</w>", "car</w>"]
 
@@ -47,7 +49,9 @@ def test_caption_beyond_the_token_limit_warns_and_is_not_steered():
 def test_textual_inversion_tokens_are_located():
     tok = build_tiny_tokenizer()
     tok.add_tokens(["<ti-3a9f>"])
-    prompt, spans, _ = locate_captions([tok], "a <ti-3a9f> red car on a road", ["<ti-3a9f> red car"])
+    prompt, spans, _ = locate_captions(
+        [tok], "a <ti-3a9f> red car on a road", ["<ti-3a9f> red car"]
+    )
     assert _tokens_at(tok, prompt, spans[0]) == ["<ti-3a9f>", "red</w>", "car</w>"]
 
 

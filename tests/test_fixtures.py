@@ -58,8 +58,8 @@ LAYERS = {
     "transparentbg-gimp.psd": 1,
 }
 
-#: Known colour-management gaps (mean levels vs psd-tools + ICC): color.py treats RGB as
-#: sRGB, so Adobe RGB documents and the linear profile of a 32-bit document shift a little.
+#: The reference below is psd-tools' unmanaged composite; we convert Adobe RGB and the
+#: linear profile of the 32-bit document to sRGB with their ICC profiles, so these differ.
 PROFILE_GAP = {
     "layer_params.psd": 8.0,
     "layer_comps.psd": 8.0,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
-import readers
 from psd_tools import PSDImage
 from psd_tools.constants import Resource, Tag
 from psd_tools.psd import PSD
@@ -18,6 +18,7 @@ from psd_tools.psd.image_resources import ImageResource, VersionInfo
 from psd_collage.errors import CollageError, UnsupportedDocument
 from psd_collage.psd.color import from_srgb
 from psd_collage.psd.writer import write_variants
+from tests import readers
 
 NAMES = ["seed 1234", "seed 99 ✨ вариант"]
 GROUP = "[harmonized] 2026-11-25 14:03 tiny 🎨"
@@ -532,6 +533,38 @@ def test_pin_base_keeps_the_chosen_earlier_variant(tmp_path):
     assert not (tmp_path / "third.psd").exists()
 
 
+def test_pin_base_moved_variant_is_laid_over_the_composite(tmp_path):
+    """The user nudged the chosen variant: what it no longer covers comes from the composite."""
+    source = build(tmp_path / "in.psd", "RGB", 8)
+    first = write_variants(source, tmp_path / "first.psd", random_variants(24, 32), NAMES, GROUP)
+    _, earlier = check_group(first, NAMES)
+    header = read_record(first).header
+    visible, _ = layer_raw(earlier[0], header)  # the stored composite of "first"
+    chosen, _ = layer_raw(earlier[1], header)
+    document = fresh_record(first)
+    record = document._get_layer_info().layer_records[-3]  # "seed 99 ...", below "seed 1234"
+    record.left, record.top, record.right, record.bottom = 3, 2, 35, 26
+    moved = tmp_path / "moved.psd"
+    with open(moved, "wb") as fh:
+        document.write(fh)
+
+    pin = np.ones((24, 32), np.float32)
+    output = write_variants(
+        moved,
+        tmp_path / "out.psd",
+        random_variants(24, 32, 1, seed=4),
+        ["seed 8"],
+        "g",
+        pin=pin,
+        pin_base=(GROUP, NAMES[1]),
+    )
+    _, layers = check_group(output, ["seed 8"], "g")
+    colour, _ = layer_raw(layers[0], header)
+    assert np.array_equal(colour[2:, 3:], chosen[:-2, :-3])
+    assert np.array_equal(colour[:2], visible[:2])
+    assert np.array_equal(colour[:, :3], visible[:, :3])
+
+
 # --- files: in place, full disk, bad input ----------------------------------------------
 
 
@@ -593,6 +626,28 @@ def test_bad_input_is_a_user_error_naming_the_file(tmp_path, fixtures_dir):
     with pytest.raises(UnsupportedDocument, match="Image > Mode > RGB Color"):
         write_variants(lab, tmp_path / "o.psd", random_variants(4, 4), NAMES, GROUP)
     assert not (tmp_path / "o.psd").exists()
+
+
+class CountingVariants(Sequence):
+    """Variants made on access, as the renderer upscales them: each should be asked once."""
+
+    def __init__(self, images: list[np.ndarray]) -> None:
+        self.images, self.fetched = images, []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index):
+        self.fetched.append(index)
+        return self.images[index]
+
+
+def test_lazy_variants_are_fetched_once_each(tmp_path):
+    source = build(tmp_path / "in.psd")
+    variants = CountingVariants(random_variants(24, 32, count=3))
+    output = write_variants(source, tmp_path / "o.psd", variants, ["a", "b", "c"], GROUP)
+    assert sorted(variants.fetched) == [0, 1, 2]
+    check_group(output, ["a", "b", "c"])
 
 
 def test_variants_of_the_wrong_size_are_refused(tmp_path):

@@ -29,7 +29,7 @@ from .sampler import (
     decode_latents,
     denoise,
     encode_image,
-    first_step,
+    steps_to_run,
     strength_to_latents,
 )
 from .tokens import PromptEmbeddings, Span, encode_prompt, locate_captions
@@ -216,7 +216,9 @@ class Engine:
         timings["encode"] = time.perf_counter() - started
 
         seeds = list(request.seeds)
-        steps_run = request.steps - int(first_step(request.steps, float(strength.max())))
+        max_strength = float(strength.max())
+        probe = make_scheduler(self.scheduler_name, components.scheduler.config)
+        steps_run = steps_to_run(probe, request.steps, max_strength)
         if steps_run <= 0:  # nothing may change: hand back the input itself
             image = np.clip(request.image.astype(np.float32), 0.0, 1.0)
             result = GenerationResult([image.copy() for _ in seeds], prompt, warnings, timings)
@@ -224,7 +226,7 @@ class Engine:
 
         self._set_steering(request, spans, latent_size)
         chunks = [seeds[i : i + self.max_batch] for i in range(0, len(seeds), self.max_batch)]
-        total = steps_run * getattr(components.scheduler, "order", 1) * len(chunks)
+        total = steps_run * len(chunks)
         done = 0
 
         def on_step() -> None:

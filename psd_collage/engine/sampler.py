@@ -61,6 +61,15 @@ def first_step(steps: int, strength: float | torch.Tensor) -> int | torch.Tensor
     return steps - min(int(math.floor(strength * steps + 1e-4)), steps)
 
 
+def steps_to_run(scheduler: SchedulerMixin, steps: int, max_strength: float) -> int:
+    """How many UNet evaluations one variant takes (0: the strength map changes nothing)."""
+    if first_step(steps, max_strength) >= steps:
+        return 0
+    scheduler.set_timesteps(steps)
+    start = first_step(steps, max_strength) * getattr(scheduler, "order", 1)
+    return max(0, len(scheduler.timesteps) - start)
+
+
 def current_sigma(scheduler: SchedulerMixin, index: int, timestep: torch.Tensor) -> float:
     """The scheduler's sigma at ``index``, or sqrt((1 - a) / a) from its alphas."""
     sigmas = getattr(scheduler, "sigmas", None)

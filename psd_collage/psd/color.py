@@ -1,10 +1,13 @@
 """Colour conversion between a document's own mode and the sRGB the model sees.
 
 The one place that knows ICC: PIL.ImageCms with the document's embedded profile
-(resource 1039). Without one, Grayscale is treated as gamma-2.2 gray (close to
-sRGB) and CMYK falls back to the naive formula, with a warning from the caller.
-Arrays are float32 in [0, 1], channels last; CMYK follows PIL's convention
-(0 = no ink), which is the inverse of how PSD stores it.
+(resource 1039) for RGB (unless it is sRGB already), Grayscale and CMYK.
+Without a profile, RGB is taken as sRGB, Grayscale as gray with the sRGB curve
+and CMYK falls back to the naive formula (the reader warns). Arrays are float32
+in [0, 1], channels last; CMYK follows PIL's convention (0 = no ink), the inverse
+of how PSD stores it. ImageCms converts 8-bit images: the model's input and
+output have no more precision than that, and pinned pixels are pasted back from
+the document's own data, never through this module.
 """
 
 from __future__ import annotations
@@ -17,42 +20,60 @@ from PIL import Image, ImageCms
 
 SUPPORTED_MODES = ("RGB", "GRAYSCALE", "CMYK")
 _PIL_MODE = {"RGB": "RGB", "GRAYSCALE": "L", "CMYK": "CMYK"}
+_CHANNELS = {"RGB": 3, "GRAYSCALE": 1, "CMYK": 4}
 
 
 def to_srgb(pixels: np.ndarray, mode: str, icc: bytes | None = None) -> np.ndarray:
     """Native channels (H, W, C) -> sRGB (H, W, 3)."""
-    if mode == "GRAYSCALE":
-        gray = pixels[..., :1] if pixels.ndim == 3 else pixels[..., None]
-        return np.repeat(gray, 3, axis=2).astype(np.float32)
-    if mode == "RGB":
-        return pixels[..., :3].astype(np.float32, copy=False)
-    if mode != "CMYK":
+    if mode not in SUPPORTED_MODES:
         raise ValueError(f"unsupported mode {mode}")
-    transform = _transform(icc, "CMYK", "RGB") if icc else None
-    if transform is None:
-        cmy, k = pixels[..., :3], pixels[..., 3:4]
-        return ((1.0 - cmy) * (1.0 - k)).astype(np.float32)
-    image = Image.fromarray(_to_u8(pixels[..., :4]), "CMYK")
-    return np.asarray(ImageCms.applyTransform(image, transform), np.float32) / 255.0
+    native = pixels if pixels.ndim == 3 else pixels[..., None]
+    native = native[..., : _CHANNELS[mode]]
+    transform = _transform(icc, mode, to_srgb=True) if icc else None
+    if transform is not None:
+        image = Image.fromarray(_to_u8(_squeeze(native)), _PIL_MODE[mode])
+        return np.asarray(ImageCms.applyTransform(image, transform), np.float32) / 255.0
+    if mode == "RGB":
+        return native.astype(np.float32, copy=False)
+    if mode == "GRAYSCALE":
+        return np.repeat(native, 3, axis=2).astype(np.float32)
+    cmy, k = native[..., :3], native[..., 3:4]
+    return ((1.0 - cmy) * (1.0 - k)).astype(np.float32)
 
 
 def from_srgb(rgb: np.ndarray, mode: str, icc: bytes | None = None) -> np.ndarray:
     """sRGB (H, W, 3) -> native channels (H, W, C)."""
+    if mode not in SUPPORTED_MODES:
+        raise ValueError(f"unsupported mode {mode}")
+    transform = _transform(icc, mode, to_srgb=False) if icc else None
+    if transform is not None:
+        image = ImageCms.applyTransform(Image.fromarray(_to_u8(rgb), "RGB"), transform)
+        native = np.asarray(image, np.float32) / 255.0
+        return native if native.ndim == 3 else native[..., None]
     if mode == "RGB":
         return rgb.astype(np.float32, copy=False)
     if mode == "GRAYSCALE":
-        # Rec. 601 luma, as Photoshop's Image > Mode > Grayscale does for sRGB input.
+        # Rec. 601 luma, as Photoshop's Image > Mode > Grayscale does without a profile.
         weights = np.array([0.299, 0.587, 0.114], np.float32)
         return (rgb @ weights)[..., None].astype(np.float32)
-    if mode != "CMYK":
-        raise ValueError(f"unsupported mode {mode}")
-    transform = _transform(icc, "RGB", "CMYK") if icc else None
-    if transform is None:
-        k = 1.0 - rgb.max(axis=2, keepdims=True)
-        cmy = (1.0 - rgb - k) / np.maximum(1.0 - k, 1e-6)
-        return np.concatenate([cmy, k], axis=2).astype(np.float32)
-    image = Image.fromarray(_to_u8(rgb), "RGB")
-    return np.asarray(ImageCms.applyTransform(image, transform), np.float32) / 255.0
+    k = 1.0 - rgb.max(axis=2, keepdims=True)
+    cmy = (1.0 - rgb - k) / np.maximum(1.0 - k, 1e-6)
+    return np.concatenate([cmy, k], axis=2).astype(np.float32)
+
+
+def profile_name(icc: bytes | None) -> str:
+    """The profile's description, e.g. 'Adobe RGB (1998)'; '' when there is none or it is unreadable."""
+    profile = _profile(icc) if icc else None
+    if profile is None:
+        return ""
+    try:
+        return ImageCms.getProfileDescription(profile).strip()
+    except ImageCms.PyCMSError:
+        return ""
+
+
+def _squeeze(native: np.ndarray) -> np.ndarray:
+    return native[..., 0] if native.shape[2] == 1 else native
 
 
 def _to_u8(values: np.ndarray) -> np.ndarray:
@@ -60,12 +81,25 @@ def _to_u8(values: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def _transform(icc: bytes, source_mode: str, target_mode: str) -> ImageCms.ImageCmsTransform | None:
+def _profile(icc: bytes) -> ImageCms.ImageCmsProfile | None:
     try:
-        document = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.ImageCmsProfile(io.BytesIO(icc))
     except (OSError, ImageCms.PyCMSError):
         return None
+
+
+@lru_cache(maxsize=16)
+def _transform(icc: bytes, mode: str, *, to_srgb: bool) -> ImageCms.ImageCmsTransform | None:
+    """None when there is nothing to convert (an sRGB document) or the profile is unreadable."""
+    document = _profile(icc)
+    if document is None:
+        return None
+    if mode == "RGB" and "srgb" in profile_name(icc).lower().replace(" ", ""):
+        return None
     srgb = ImageCms.createProfile("sRGB")
-    if source_mode == "RGB":
-        return ImageCms.buildTransform(srgb, document, "RGB", target_mode)
-    return ImageCms.buildTransform(document, srgb, source_mode, target_mode)
+    try:
+        if to_srgb:
+            return ImageCms.buildTransform(document, srgb, _PIL_MODE[mode], "RGB")
+        return ImageCms.buildTransform(srgb, document, "RGB", _PIL_MODE[mode])
+    except ImageCms.PyCMSError:
+        return None

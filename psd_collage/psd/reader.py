@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import logging
 import re
 import struct
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import ImageCms
 from psd_tools import PSDImage
 from psd_tools.api.layers import AdjustmentLayer, Layer, TypeLayer
 from psd_tools.composite import composite as psd_composite
@@ -644,16 +642,11 @@ class _Reader:
                 "CMYK document without an embedded colour profile: converted with a simple "
                 "formula; embed one (Edit > Assign Profile, save with ICC Profile checked)"
             )
-        elif self.mode == "CMYK" and not _profile_name(self.icc):
+        elif self.icc is not None and not color.profile_name(self.icc):
             self.warnings.append(
-                "the embedded CMYK colour profile cannot be used: converted with a simple formula"
+                "the embedded colour profile cannot be read: colours are converted as if sRGB "
+                "(or with a simple formula for CMYK)"
             )
-        elif self.mode == "RGB" and self.icc is not None:
-            name = _profile_name(self.icc)
-            if name and "srgb" not in name.lower().replace(" ", ""):
-                self.warnings.append(
-                    f"document colour profile is {name!r}: its colours are treated as sRGB"
-                )
 
     # -- one collage layer ---------------------------------------------------
 
@@ -944,13 +937,6 @@ def _to_u8(values: np.ndarray) -> np.ndarray:
     scaled += np.float32(0.5)
     np.clip(scaled, 0.0, 255.0, out=scaled)
     return scaled.astype(np.uint8)
-
-
-def _profile_name(icc: bytes) -> str:
-    try:
-        return ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc))).strip()
-    except (OSError, ImageCms.PyCMSError):
-        return ""
 
 
 __all__ = [

@@ -29,6 +29,7 @@ from psd_tools.constants import (
     Tag,
 )
 from psd_tools.psd import PSD
+from psd_tools.psd.header import FileHeader
 from psd_tools.psd.layer_and_mask import (
     ChannelData,
     ChannelDataList,
@@ -132,6 +133,8 @@ def write_variants(
     icc = document.image_resources.get_data(Resource.ICC_PROFILE)
 
     pinned = None
+    if pin is not None and not pin.any():
+        pin = None  # nothing pinned: no need to decode the source
     if pin is not None:
         pinned = _pin_source(document, source, n_color, pin_base)
     layers = _layer_info(document)
@@ -144,8 +147,11 @@ def write_variants(
     # then the group's own record.
     records: list[tuple[LayerRecord, ChannelDataList]] = []
     merged: np.ndarray | None = None
-    for index, (variant, name) in enumerate(zip(variants, names, strict=True)):
+    for index, name in enumerate(names):
+        variant = variants[index]  # fetched once: it may be upscaled on access
+        _check_variant(index, variant, header)
         planes = _native_planes(variant, mode, icc, depth, pin, pinned)
+        del variant
         records.append(_pixel_layer(planes, name, index == 0, next_id + 1 + index, codec, header))
         if index == 0:
             merged = planes
@@ -212,22 +218,30 @@ def _check_arguments(
     names: Sequence[str],
     group_name: str,
     pin: np.ndarray | None,
-    header,
+    header: FileHeader,
 ) -> None:
-    """Caller mistakes (not user input): plain ValueError."""
-    if not variants:
+    """Caller mistakes (not user input) raise plain ValueError.
+
+    Variants are checked one by one as they are converted (:func:`_check_variant`):
+    the caller may produce them lazily, upscaled on access.
+    """
+    if not len(variants):
         raise ValueError("write_variants needs at least one variant")
     if len(names) != len(variants):
         raise ValueError(f"{len(variants)} variants but {len(names)} names")
-    size = (header.height, header.width)
-    for index, variant in enumerate(variants):
-        if variant.shape != (*size, 3):
-            raise ValueError(f"variant {index} has shape {variant.shape}, expected {(*size, 3)}")
     for name in [*names, group_name]:
         if not name or len(name) > _MAX_NAME:
             raise ValueError(f"layer names must have 1 to {_MAX_NAME} characters: {name!r}")
-    if pin is not None and pin.shape != size:
-        raise ValueError(f"pin has shape {pin.shape}, expected {size}")
+    if pin is not None and pin.shape != (header.height, header.width):
+        raise ValueError(f"pin has shape {pin.shape}, expected {(header.height, header.width)}")
+
+
+def _check_variant(index: int, variant: np.ndarray, header: FileHeader) -> None:
+    size = (header.height, header.width, 3)
+    if variant.shape != size:
+        raise ValueError(f"variant {index} has shape {variant.shape}, expected {size}")
+    if variant.dtype.kind != "f":
+        raise ValueError(f"variant {index} must be float in [0, 1], not {variant.dtype}")
 
 
 def _layer_info(document: PSD) -> LayerInfo:
@@ -504,7 +518,7 @@ def _pixel_layer(
     visible: bool,
     layer_id: int,
     codec: Compression,
-    header,
+    header: FileHeader,
 ) -> tuple[LayerRecord, ChannelDataList]:
     """A full-canvas opaque pixel layer from raw planes.
 

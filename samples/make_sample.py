@@ -28,9 +28,10 @@ from skimage import data
 
 WIDTH, HEIGHT = 768, 512
 HORIZON = 200
+# Every caption appears word for word, so the engine steers them without appending any.
 PROMPT = (
-    "a tabby cat and a cup of espresso on a red and white checkered picnic blanket in a "
-    "sunny park, a rocket launching in the distance, photo, natural light"
+    "a tabby cat and a cup of espresso on a saucer on a red and white checkered picnic "
+    "blanket, sunny park lawn under a blue sky, a rocket launching in the distance, photo"
 )
 OUTPUT = Path(__file__).resolve().parent / "picnic.psd"
 

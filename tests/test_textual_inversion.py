@@ -24,6 +24,15 @@ SIZE = 64  # px: 8 x 8 latents, enough for a masked loss and fast on two busy co
 FAST = InversionSettings(steps=6, lr=5e-3, batch=2, seed=0)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Two busy cores shared by several test runs: torch's spinning threads only slow it down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_engine(kind: str = "sd1"):
     from psd_collage.engine import load_engine
 
@@ -61,7 +70,7 @@ def test_training_lowers_the_masked_loss_and_touches_nothing_else(tmp_path):
     [result] = learn_inversions(
         engine,
         [square_target()],
-        InversionSettings(steps=24, lr=5e-3, batch=2),
+        InversionSettings(steps=24, lr=2e-3, batch=4),
         cache=tmp_path,
         progress=lambda done, total: calls.append((done, total)),
     )
@@ -193,7 +202,8 @@ def test_sdxl_trains_both_encoders_and_exports_clip_l_and_clip_g(tmp_path):
 
     engine = make_engine("sdxl")
     encoders = engine.components.text_encoders
-    [result] = learn_inversions(engine, [square_target()], FAST, cache=tmp_path)
+    settings = InversionSettings(steps=8, lr=5e-3, batch=2)
+    [result] = learn_inversions(engine, [square_target()], settings, cache=tmp_path)
     assert result.probe_loss[1] < result.probe_loss[0]
     for i, tokenizer in enumerate(engine.components.tokenizers):
         car = encoders[i].get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("car")]
@@ -258,3 +268,62 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     engine = make_engine()
     learn_tokens(engine, [square_target()], InversionSettings(steps=1, batch=1))
     assert len(entries(tmp_path / "mine")) == 1
+
+
+def test_learned_token_is_located_and_steered_by_the_engine(tmp_path):
+    from psd_collage.engine import GenerationRequest, SteeredPhrase
+    from psd_collage.engine.tokens import locate_captions
+
+    engine = make_engine()
+    target = square_target()
+    [token] = learn_tokens(engine, [target], FAST, cache=tmp_path)
+    tokened = f"{token} {target.caption}"
+    tokenizer = engine.components.tokenizers[0]
+
+    # The render prepends the token to the caption; the engine finds the whole phrase,
+    # the learned token included, and steers all of its tokens.
+    prompt = f"a quiet street, {tokened}"
+    _, [span], warnings = locate_captions(engine.components.tokenizers, prompt, [tokened])
+    assert warnings == [] and span is not None
+    ids = tokenizer(prompt).input_ids
+    assert ids[span.start] == tokenizer.convert_tokens_to_ids(token)
+    assert span.length == 1 + len(tokenizer(target.caption, add_special_tokens=False).input_ids)
+
+    def generate(caption: str):
+        request = GenerationRequest(
+            image=target.image,
+            strength=np.full((SIZE, SIZE), 0.8, np.float32),
+            prompt=f"a quiet street, {caption}",
+            phrases=[SteeredPhrase(text=caption, mask=target.mask, inside=0.6, outside=0.9)],
+            seeds=[3],
+            steps=4,
+            guidance=3.0,
+        )
+        return engine.generate(request)
+
+    with_ti, without = generate(tokened), generate(target.caption)
+    assert with_ti.warnings == [] and with_ti.prompt == prompt
+    assert np.abs(with_ti.images[0] - without.images[0]).max() > 1e-3
+
+
+def test_sdxl_pooled_embedding_stays_at_end_of_text_with_a_learned_token(tmp_path):
+    # Released CLIP configs say eos_token_id = 2, which makes transformers pool at the
+    # highest token id: without care that is the learned token, not the end of text.
+    engine = make_engine("sdxl")
+    tokenizer, encoder = engine.components.tokenizers[1], engine.components.text_encoders[1]
+    encoder.text_model.eos_token_id = encoder.config.eos_token_id = 2
+    plain = tokenizer("a red vintage car", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = encoder(plain).text_embeds
+
+    [token] = learn_tokens(
+        engine, [square_target()], InversionSettings(steps=1, batch=1), cache=tmp_path
+    )
+    ids = tokenizer(f"{token} a red vintage car", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = encoder(ids, output_hidden_states=True)
+        after = encoder(plain).text_embeds
+    eos = int((ids[0] == tokenizer.eos_token_id).nonzero()[0])
+    hidden = encoder.text_model.final_layer_norm(out.hidden_states[-1])  # what CLIP pools from
+    assert torch.allclose(out.text_embeds, encoder.text_projection(hidden[:, eos]), atol=1e-6)
+    assert torch.equal(after, before)  # prompts without added tokens pool exactly as before

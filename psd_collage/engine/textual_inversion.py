@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
+from transformers import CLIPTextModel
 
 from ..atomic import atomic_write_bytes
 from ..errors import Cancelled, CollageError
@@ -60,17 +61,19 @@ TEMPLATES = (
 _PROBE_SAMPLES = 8
 
 # Words that never make a good initialiser for the new token (articles, prepositions...).
-_STOPWORDS = frozenset(
-    """a an the of in on at to for with without from by and or but is are was were be
-    this that these those its his her their my our your some any one two three very
-    into onto over under near behind front back left right top bottom""".split()
-)
+_STOPWORDS_TEXT = """
+a an the of in on at to for with without from by and or but is are was were be
+this that these those its his her their my our your some any one two three very
+into onto over under near behind front back left right top bottom
+"""
 # Adjectives common in captions: used only when no noun-ish word is a single token.
-_ADJECTIVES = frozenset(
-    """red green blue yellow orange purple pink brown black white grey gray golden silver
-    dark light bright pale big small large tiny huge old new young vintage modern
-    beautiful pretty ugly shiny wooden metal glass happy sad tall short long round""".split()
-)
+_ADJECTIVES_TEXT = """
+red green blue yellow purple pink brown black white grey gray golden silver
+dark bright pale big small large tiny huge old new young vintage modern
+beautiful pretty ugly shiny wooden happy sad tall short long round
+"""
+_STOPWORDS = frozenset(_STOPWORDS_TEXT.split())
+_ADJECTIVES = frozenset(_ADJECTIVES_TEXT.split())
 
 
 @dataclass(frozen=True)
@@ -198,12 +201,14 @@ def learn_inversions(
         if key in known:
             _set_rows(components, ids, known[key].rows)
             meta = known[key].metadata
-            probe = (float(meta["probe_loss_before"]), float(meta["probe_loss_after"]))
-            result = LearnedToken(token, target.name, meta["init_word"] or None, True, [], probe)
+            probe = (_float(meta.get("probe_loss_before")), _float(meta.get("probe_loss_after")))
+            init_word = meta.get("init_word") or None
+            result = LearnedToken(token, target.name, init_word, True, [], probe)
         else:
             start = time.perf_counter()
             init_word = _init_word(components, target.caption)
             init_rows = _init_rows(components, init_word)
+            _set_rows(components, ids, init_rows)  # a cancelled training leaves a sane row
             rows, losses, probe = _train(
                 engine, target, ids, init_rows, settings, step=step_done, cancel=cancel
             )
@@ -282,7 +287,9 @@ def _check_target(target: InversionTarget) -> None:
             f"got {image.shape} and {mask.shape}"
         )
     if image.shape[0] % 8 or image.shape[1] % 8:
-        raise ValueError(f"layer {target.name!r}: image size {image.shape[:2]} is not a multiple of 8")
+        raise ValueError(
+            f"layer {target.name!r}: image size {image.shape[:2]} is not a multiple of 8"
+        )
     if not float(np.max(mask, initial=0.0)) > 0:
         raise CollageError(
             f"layer {target.name!r} has no visible pixels, so textual inversion has nothing to "
@@ -304,8 +311,28 @@ def _install_token(components, token: str) -> list[int]:
         if token_id >= rows:
             # mean_resizing=False: the new row is set right after, the covariance would be wasted.
             encoder.resize_token_embeddings(token_id + 1, mean_resizing=False)
+        pass  # _pool_at_first_eos(encoder, tokenizer)
         ids.append(token_id)
     return ids
+
+
+def _pool_at_first_eos(encoder: torch.nn.Module, tokenizer) -> None:
+    """Make CLIP pool at the end-of-text token even when the prompt holds an added token.
+
+    Released SD / SDXL text-encoder configs carry the old ``eos_token_id = 2``, for which
+    transformers pools at the *highest token id* of the prompt: an added token outranks
+    end-of-text, so SDXL's pooled embedding would come from the learned token's position.
+    Pointing the model at the tokenizer's real end-of-text id pools at its first occurrence,
+    which is exactly the highest-id position for every prompt without added tokens (end of
+    text is the last id of the base vocabulary; checked), so nothing else changes.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None or eos == 2 or eos != tokenizer.vocab_size - 1:
+        return
+    for module in encoder.modules():
+        if isinstance(module, CLIPTextModel) and module.eos_token_id == 2:
+            module.eos_token_id = eos
+            module.config.eos_token_id = eos
 
 
 def _set_rows(components, ids: Sequence[int], rows: Sequence[torch.Tensor]) -> None:
@@ -323,6 +350,13 @@ def _get_rows(components, token: str) -> list[torch.Tensor]:
         weight = encoder.get_input_embeddings().weight
         rows.append(weight[tokenizer.convert_tokens_to_ids(token)].detach().float().cpu())
     return rows
+
+
+def _float(text: str | None) -> float:
+    try:
+        return float(text) if text is not None else float("nan")
+    except ValueError:
+        return float("nan")
 
 
 def _file_stem(token: str) -> str:
@@ -393,7 +427,9 @@ def _train(
     prediction = noise_scheduler.config.prediction_type
 
     # Prompt ids for every template, per tokenizer: chosen per batch item at each step.
-    prompts = [t.format(token=_token_of(components, ids), caption=target.caption) for t in TEMPLATES]
+    prompts = [
+        t.format(token=_token_of(components, ids), caption=target.caption) for t in TEMPLATES
+    ]
     prompt_ids = [
         tok(
             prompts,
@@ -408,7 +444,9 @@ def _train(
     params = [torch.nn.Parameter(r.to(device, torch.float32).clone()) for r in init_rows]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-2)
     # fp16 weights: scale the loss so that small gradients do not underflow in the backward pass.
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and engine.dtype == torch.float16)
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=device.type == "cuda" and engine.dtype == torch.float16
+    )
 
     losses: list[float] = []
     with _training_context(engine, params, ids):
@@ -490,14 +528,19 @@ def _token_of(components, ids: Sequence[int]) -> str:
 
 
 def _encode_image(vae, image: np.ndarray, device: torch.device):
-    """The VAE's latent distribution (mean, std) for the image, and the latent scale."""
+    """The VAE's latent distribution (mean, std) for the image, and the latent scale.
+
+    Training samples the posterior at every step (as standard textual inversion does);
+    the sampler starts from its mean.
+    """
     pixels = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     pixels = pixels.permute(2, 0, 1)[None].clamp(0, 1) * 2 - 1
     dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
     mean, std = dist.mean.float(), dist.std.float()
     if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
         raise RuntimeError("the VAE produced non-finite latents for the textual-inversion image")
-    return mean, std, float(vae.config.scaling_factor)
+    shift = vae.config.get("shift_factor") or 0.0  # as the sampler's encode_image does
+    return mean - shift, std, float(vae.config.scaling_factor)
 
 
 def _latent_mask(mask: np.ndarray, size, device: torch.device) -> torch.Tensor:
@@ -523,33 +566,18 @@ def _training_context(engine, params: Sequence[torch.nn.Parameter], ids: Sequenc
     """Freeze every weight, splice the trainable rows into the encoders, restore it all after.
 
     The modules stay in eval mode (dropout off: training is deterministic and the
-    models come back as they were). The UNet runs with diffusers' default attention
-    processors, so a steering processor installed for sampling cannot bias training.
+    models come back as they were). The UNet's cross-attention runs with diffusers'
+    plain processor, so the engine's steering processor cannot bias training.
     """
     components = engine.components
-    modules = [components.unet, components.vae, *components.text_encoders]
+    unet = components.unet
+    modules = [unet, components.vae, *components.text_encoders]
     grad_flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     modes = [(m, m.training) for m in modules]
-    unet = components.unet
     processors = dict(unet.attn_processors)
     checkpointing = unet.is_gradient_checkpointing
-    hooks = []
-    try:
-        for m in modules:
-            m.requires_grad_(False)
-            m.eval()
-        unet.set_attn_processor(AttnProcessor2_0())
-        if torch.device(engine.device).type != "cpu" and not checkpointing:
-            unet.enable_gradient_checkpointing()  # activations of the UNet backward on a GPU
-        for encoder, token_id, param in zip(components.text_encoders, ids, params, strict=True):
-            hooks.append(
-                encoder.get_input_embeddings().register_forward_hook(_splice(token_id, param))
-            )
-        with torch.enable_grad():
-            yield
-    finally:
-        for hook in hooks:
-            hook.remove()
+
+    def restore() -> None:
         if unet.is_gradient_checkpointing != checkpointing:
             unet.disable_gradient_checkpointing()
         unet.set_attn_processor(processors)
@@ -557,6 +585,29 @@ def _training_context(engine, params: Sequence[torch.nn.Parameter], ids: Sequenc
             m.train(mode)
         for p, flag in grad_flags:
             p.requires_grad_(flag)
+
+    with ExitStack() as stack:
+        # With the engine's CPU offload the models live on the CPU between uses.
+        on_device = getattr(engine, "_on_device", None)
+        if on_device is not None:
+            stack.enter_context(on_device(*modules))
+        stack.callback(restore)
+        for m in modules:
+            m.requires_grad_(False)
+            m.eval()
+        unet.set_attn_processor(
+            {
+                name: AttnProcessor2_0() if name.endswith("attn2.processor") else processor
+                for name, processor in processors.items()
+            }
+        )
+        if torch.device(engine.device).type != "cpu" and not checkpointing:
+            unet.enable_gradient_checkpointing()  # the UNet backward's activations, on a GPU
+        for encoder, token_id, param in zip(components.text_encoders, ids, params, strict=True):
+            embeddings = encoder.get_input_embeddings()
+            stack.callback(embeddings.register_forward_hook(_splice(token_id, param)).remove)
+        stack.enter_context(torch.enable_grad())
+        yield
 
 
 def _splice(token_id: int, param: torch.nn.Parameter):

@@ -94,8 +94,9 @@ def _transform(icc: bytes, mode: str, *, to_srgb: bool) -> ImageCms.ImageCmsTran
     document = _profile(icc)
     if document is None:
         return None
-    if mode == "RGB" and "srgb" in profile_name(icc).lower().replace(" ", ""):
-        return None
+    name = profile_name(icc).lower().replace(" ", "")
+    if mode == "RGB" and "srgb" in name and "linear" not in name:
+        return None  # already what the model sees (a linear-light "sRGB" profile is not)
     srgb = ImageCms.createProfile("sRGB")
     try:
         if to_srgb:

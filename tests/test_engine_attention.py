@@ -63,6 +63,14 @@ def test_bias_matches_the_paper_formula_on_conditional_rows_only():
     expected = _reference(attn, x, context, masks_lat, weights, phrase_tokens, state.factor, 2)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
 
+    recorded = []  # the recording path (explicit softmax) computes the same thing
+    state.recorder = lambda name, probs, grid: recorded.append((probs, grid))
+    torch.testing.assert_close(CollageCrossAttnProcessor(state)(attn, x, context), ours)
+    state.recorder = None
+    probs, grid = recorded[0]
+    assert grid == latent and probs.shape == (2, 2, 24, 7)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 24))
+
     plain = AttnProcessor2_0()(attn, x, context)
     torch.testing.assert_close(ours[:2], plain[:2], atol=1e-5, rtol=1e-4)  # unconditional rows
     assert (ours[2:] - plain[2:]).abs().max() > 1e-2  # the conditional rows were steered

@@ -133,19 +133,21 @@ def test_cache_hit_restart_and_corrupt_entry(tmp_path):
     assert ti_cache.load_entry(entry.stem, [learned.shape[0]], tmp_path) is not None
 
 
-def test_cache_key_follows_the_inputs(tmp_path):
+def test_cache_key_and_loss_follow_the_inputs(tmp_path):
     engine = make_engine()
     target = square_target()
-    [token] = learn_tokens(engine, [target], FAST, cache=tmp_path)
+    [first] = learn_inversions(engine, [target], FAST, cache=tmp_path)
     moved = InversionTarget(
-        target.name, target.image, np.roll(target.mask, 4, axis=1), target.caption
+        target.name, target.image, np.roll(target.mask, 16, axis=1), target.caption
     )
-    [other] = learn_tokens(engine, [moved], FAST, cache=tmp_path)
+    [other] = learn_inversions(engine, [moved], FAST, cache=tmp_path)
     [longer] = learn_tokens(
         engine, [target], InversionSettings(steps=7, lr=5e-3, batch=2), cache=tmp_path
     )
-    assert len({token, other, longer}) == 3
+    assert len({first.token, other.token, longer}) == 3
     assert len(entries(tmp_path)) == 3
+    # Same image, same seed, another mask: the loss is taken over other latent cells.
+    assert not np.allclose(first.losses, other.losses)
 
 
 def test_two_targets_learn_two_tokens(tmp_path):

@@ -50,6 +50,23 @@ def fake_psd(tag: str, size: int = 200) -> bytes:
     return b"8BPS" + b"\0" * 22 + tag.encode() + b"." * size
 
 
+def make_psd(path: Path, seed: int, size: int = 64) -> bytes:
+    """A small two-layer collage as Photoshop users make them: a background and a caption."""
+    import numpy as np
+    from PIL import Image
+    from psd_tools import PSDImage
+    from psd_tools.api.layers import PixelLayer
+
+    rng = np.random.default_rng(seed)
+    psd = PSDImage.new("RGB", (size, size))
+    back = np.full((size, size, 3), rng.integers(0, 255, 3), np.uint8)
+    psd.append(PixelLayer.frompil(Image.fromarray(back, "RGB"), psd, "green grass", 0, 0))
+    box = np.full((size // 2, size // 2, 3), rng.integers(0, 255, 3), np.uint8)
+    psd.append(PixelLayer.frompil(Image.fromarray(box, "RGB"), psd, "a red box", 16, 16))
+    psd.save(path)
+    return path.read_bytes()
+
+
 class CopyRenderer:
     """Stands in for psd_collage.render.Renderer: "renders" by copying, so the service's
     moves can be checked byte for byte. Inputs containing BROKEN fail like a bad PSD;
@@ -98,7 +115,7 @@ def make_service(root: Path, *, stable: float = 0.05, once: bool = True, **kw) -
     return WatchService(
         root,
         kw.pop("settings", {}),
-        WatchOptions(stable=stable, once=once, rescan=kw.pop("rescan", 10.0)),
+        WatchOptions(stable=stable, once=once, rescan=kw.pop("rescan", 10.0), grace=stable),
         renderer_factory=CopyRenderer,
         header_check=fake_header,
     )
@@ -152,23 +169,45 @@ def test_free_stem_keeps_psd_preview_and_error_under_one_number(tmp_path: Path) 
 # ---------------------------------------------------------------------------
 
 
-def test_a_growing_file_is_not_ready_until_it_stops_changing(tmp_path: Path) -> None:
-    inbox = tmp_path
-    tracker = StabilityTracker(inbox, 2.0, fake_header, wall_clock=time.time)
+def test_a_copy_that_stalls_midway_is_neither_taken_early_nor_failed(tmp_path: Path) -> None:
+    """With the reader's real header check, which finds any truncation of a real PSD."""
+    from psd_collage.psd.reader import check_header
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    tracker = StabilityTracker(inbox, 2.0, check_header, wall_clock=time.time, grace=5.0)
+    data = make_psd(tmp_path / "source.psd", 7)
     path = inbox / "a.psd"
-    path.write_bytes(b"JUNK")  # fails the header check from the start
-    for second in range(0, 12):  # keeps growing for 11 "seconds", scanned every 1 s
-        with open(path, "ab") as fh:
-            fh.write(b"x" * 100)
-        tracker.scan(float(second))
-        ready, rejected = tracker.settle(float(second))
-        assert ready == [] and rejected == []
-    tracker.scan(12.0)
-    assert tracker.settle(12.5) == ([], [])
-    ready, rejected = tracker.settle(13.0)  # unchanged for 2 s, but the header is bad
-    assert ready == [] and rejected == []  # ...waits a further window before failing it
-    ready, rejected = tracker.settle(15.0)
-    assert [c.name for c in rejected] == ["a.psd"]
+    step = len(data) // 10 + 1
+    chunks = [data[i : i + step] for i in range(0, len(data), step)]
+    # One chunk a second, with a 4 s stall (longer than the window) after the fifth.
+    times = [*range(5), *range(9, 9 + len(chunks) - 5)]
+    timeline = dict(zip(times, chunks, strict=True))
+    path.write_bytes(b"")
+    t = 0.0
+    while t < 40:
+        if int(t) == t and int(t) in timeline:
+            with open(path, "ab") as fh:
+                fh.write(timeline[int(t)])
+        tracker.scan(t)
+        ready, rejected = tracker.settle(t)
+        assert rejected == [], f"failed at t={t} while still arriving"
+        complete = path.read_bytes() == data
+        assert not ready or complete, f"taken early at t={t}"
+        if ready:
+            break
+        t += 0.5
+    assert ready and t == max(timeline) + 2.0  # one window after the last chunk
+
+
+def test_an_unreadable_file_is_failed_after_the_window_and_the_grace(tmp_path: Path) -> None:
+    tracker = StabilityTracker(tmp_path, 2.0, fake_header, wall_clock=time.time, grace=5.0)
+    (tmp_path / "a.psd").write_bytes(b"JUNK" * 100)
+    tracker.scan(0.0)
+    for t in (1.0, 2.0, 4.0, 6.5):
+        assert tracker.settle(t) == ([], []), t
+    ready, rejected = tracker.settle(7.0)
+    assert ready == [] and [c.name for c in rejected] == ["a.psd"]
     assert "not a Photoshop file" in str(rejected[0].header_error)
 
 
@@ -423,23 +462,6 @@ def test_files_dropped_while_watching_are_picked_up_by_events(tmp_path: Path) ->
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "psd-fixtures"
 INDEXED = FIXTURES / "colormodes" / "4x4_8bit_index_color.psd"
-
-
-def make_psd(path: Path, seed: int, size: int = 64) -> bytes:
-    """A small two-layer collage as Photoshop users make them: a background and a caption."""
-    import numpy as np
-    from PIL import Image
-    from psd_tools import PSDImage
-    from psd_tools.api.layers import PixelLayer
-
-    rng = np.random.default_rng(seed)
-    psd = PSDImage.new("RGB", (size, size))
-    back = np.full((size, size, 3), rng.integers(0, 255, 3), np.uint8)
-    psd.append(PixelLayer.frompil(Image.fromarray(back, "RGB"), psd, "green grass", 0, 0))
-    box = np.full((size // 2, size // 2, 3), rng.integers(0, 255, 3), np.uint8)
-    psd.append(PixelLayer.frompil(Image.fromarray(box, "RGB"), psd, "a red box", 16, 16))
-    psd.save(path)
-    return path.read_bytes()
 
 
 def start_watch(root: Path, log: Path, *extra: str, stable: float = 0.5) -> subprocess.Popen:

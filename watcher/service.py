@@ -54,6 +54,13 @@ class WatchOptions:
     poll: float | None = None  # seconds between polls; None: native events (inotify, FSEvents)
     once: bool = False  # process what is there, then exit
     rescan: float = 10.0  # safety-net rescan of inbox/ and work/ (events can be missed)
+    grace: float | None = (
+        None  # unchanged but unreadable this long -> failed; None: max(stable, 10)
+    )
+
+    @property
+    def unreadable_grace(self) -> float:
+        return max(self.stable, 10.0) if self.grace is None else self.grace
 
 
 class WatchService:
@@ -73,8 +80,13 @@ class WatchService:
         header_check: Callable[[Path], object] | None = None,
     ) -> None:
         self.options = options or WatchOptions()
-        if self.options.stable < 0 or (self.options.poll is not None and self.options.poll <= 0):
-            raise SettingsError("--stable must be >= 0 and --poll > 0 seconds")
+        opts = self.options
+        if (
+            opts.stable < 0
+            or (opts.poll is not None and opts.poll <= 0)
+            or opts.unreadable_grace < 0
+        ):
+            raise SettingsError("--stable and --grace must be >= 0 and --poll > 0 seconds")
         self.layout = Layout.create(root)
         cli = validate_settings(
             {k: v for k, v in (settings or {}).items() if v is not None}, where="command line"
@@ -89,7 +101,11 @@ class WatchService:
             from psd_collage.psd.reader import check_header as header_check
         self.renderer = renderer_factory(dict(self.defaults))
         self.tracker = StabilityTracker(
-            self.layout.inbox, self.options.stable, header_check, wall_clock=time.time
+            self.layout.inbox,
+            self.options.stable,
+            header_check,
+            wall_clock=time.time,
+            grace=self.options.unreadable_grace,
         )
         shown = {k: v for k, v in self.defaults.items() if k != "layers"}
         self.board = StatusBoard(
@@ -167,8 +183,19 @@ class WatchService:
             self._last_inbox_scan = now
             for name in self.tracker.newly_ignored:
                 log.info("ignoring %s: not a .psd or .psb file", name)
+            for cand in self.tracker.newly_seen:
+                log.info("found %s (%d bytes)", cand.name, cand.signature[0][0])
             self.tracker.newly_ignored.clear()
+            self.tracker.newly_seen.clear()
         ready, rejected = self.tracker.settle(now)
+        for cand in self.tracker.newly_failing:
+            log.info(
+                "%s does not read as a PSD yet (%s); failing it if it stays so for %g s",
+                cand.name,
+                cand.header_error,
+                self.options.unreadable_grace,
+            )
+        self.tracker.newly_failing.clear()
         ready = [c for c in ready if self._unclaimable.get(c.name) != c.signature]
         rejected = [c for c in rejected if self._unclaimable.get(c.name) != c.signature]
         self._show_queue(ready)

@@ -3,9 +3,12 @@
 Copies over a network arrive in chunks, sometimes with pauses; saving from
 Photoshop rewrites the file. So a file is only *ready* after its size and
 mtime (and those of its sidecar) have not changed for ``window`` seconds and
-its header checks out. A header that fails while the file is still changing
-means "not there yet", never "broken"; only a file that stays unchanged for a
-further full window with a failing header is *rejected* (it goes to failed/).
+its header checks out (the reader's ``check_header`` also checks that every
+section the header announces is there). A header that fails while the file is
+still changing means "not there yet", never "broken"; only a file that then
+stays unchanged and unreadable for a further ``grace`` period is *rejected*
+(it goes to failed/). The grace is longer than the window by default because a
+copy over Wi-Fi or VPN can stall for seconds in the middle of a file.
 """
 
 from __future__ import annotations
@@ -48,14 +51,18 @@ class StabilityTracker:
         header_check: Callable[[Path], object],
         *,
         wall_clock: Callable[[], float],
+        grace: float | None = None,
     ) -> None:
         self.inbox = inbox
         self.window = window
+        self.grace = window if grace is None else grace
         self._check = header_check
         self._wall = wall_clock
         self.candidates: dict[str, Candidate] = {}
         self.ignored: set[str] = set()  # names logged once as "not a PSD/PSB"
         self.newly_ignored: list[str] = []
+        self.newly_seen: list[Candidate] = []  # for the log: "found X"
+        self.newly_failing: list[Candidate] = []  # for the log: "X does not read as a PSD yet"
 
     def scan(self, now: float) -> None:
         """Look at the inbox once (``now``: monotonic seconds)."""
@@ -79,7 +86,9 @@ class StabilityTracker:
             seen.add(name)
             known = self.candidates.get(name)
             if known is None:
-                self.candidates[name] = Candidate(name, signature, now, now, signature[0][1] / 1e9)
+                cand = Candidate(name, signature, now, now, signature[0][1] / 1e9)
+                self.candidates[name] = cand
+                self.newly_seen.append(cand)
             elif known.signature != signature:
                 known.signature = signature
                 known.changed_at = now
@@ -106,7 +115,8 @@ class StabilityTracker:
                 ready.append(cand)
             elif cand.failing_since is None:
                 cand.failing_since = now
-            elif now - cand.failing_since >= self.window:
+                self.newly_failing.append(cand)
+            elif now - cand.failing_since >= self.grace:
                 rejected.append(cand)
         return ready, rejected
 
@@ -120,8 +130,10 @@ class StabilityTracker:
         for c in self.candidates.values():
             if c.ready_at is not None:
                 continue
-            start = c.failing_since if c.failing_since is not None else c.changed_at
-            waits.append(max(0.0, start + self.window - now))
+            if c.failing_since is not None:
+                waits.append(max(0.0, c.failing_since + self.grace - now))
+            else:
+                waits.append(max(0.0, c.changed_at + self.window - now))
         return min(waits) if waits else None
 
     def forget(self, names: Iterable[str]) -> None:

@@ -10,7 +10,8 @@ prompt token ``j`` of layer ``i``'s caption::
 The max is over heads, pixels and the layer's tokens, per sample; only the conditional
 half of classifier-free guidance is biased. Per attention resolution one tensor
 ``C[p, j] = w_pos m(p) - w_neg (1 - m(p))`` (0 for tokens of no layer) is built once per
-generation, so each call adds ``f(sigma) * C * max`` with no Python loop over tokens.
+generation, so each call only takes the max over the phrases' own score columns and
+adds ``f(sigma) * C * max`` as the additive mask of fused SDPA: no Python loop over tokens.
 Self-attention keeps diffusers' fused SDPA processor.
 """
 
@@ -50,7 +51,10 @@ class SteeringState:
     cond_start: int = 0
     factor: float = 0.0  # f(sigma) of the current step
     recorder: AttentionRecorder | None = None
+    columns: torch.Tensor | None = None  # positions of steered tokens
     _bias: dict[int, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
+    _member: torch.Tensor | None = None
+    _spread: torch.Tensor | None = None
 
     @property
     def steering(self) -> bool:
@@ -66,10 +70,16 @@ class SteeringState:
         self.masks, self.weights, self.token_phrase = masks, weights, token_phrase
         self.latent_size = latent_size
         self._bias.clear()
+        # Only the phrases' own token columns are needed for their max.
+        self.columns = torch.nonzero(token_phrase >= 0).flatten()
+        phrases = torch.arange(masks.shape[0], device=token_phrase.device)[:, None]
+        self._member = token_phrase[self.columns][None, :] == phrases  # (n, columns)
+        self._spread = (token_phrase[None, :] == phrases).float()  # (n, tokens)
 
     def clear(self) -> None:
         """Back to plain attention (also drops the per-resolution tensors)."""
-        self.masks = self.weights = self.token_phrase = None
+        self.masks = self.weights = self.token_phrase = self.columns = None
+        self._member = self._spread = None
         self.cond_start, self.factor, self.latent_size = 0, 0.0, (0, 0)
         self._bias.clear()
 
@@ -102,18 +112,16 @@ class SteeringState:
         self._bias[length] = entry
         return entry
 
-    def phrase_max(self, scores: torch.Tensor) -> torch.Tensor:
-        """max(S) over heads, pixels and each phrase's tokens, spread back per token: (B, tokens)."""
-        assert self.token_phrase is not None and self.masks is not None
-        tokens = scores.shape[-1]
-        phrase = self.token_phrase[:tokens].to(scores.device)
-        per_token = scores.amax(dim=(1, 2))  # (B, tokens)
-        n = self.masks.shape[0]
-        member = phrase[None, :] == torch.arange(n, device=scores.device)[:, None]  # (n, tokens)
-        neg_inf = torch.finfo(per_token.dtype).min
-        per_phrase = torch.where(member[None], per_token[:, None, :], neg_inf).amax(-1)  # (B, n)
-        spread = per_phrase[:, phrase.clamp(min=0)]
-        return torch.where(phrase[None] >= 0, spread, torch.zeros_like(spread))
+    def phrase_max(self, column_scores: torch.Tensor) -> torch.Tensor:
+        """max(S) over heads, pixels and each phrase's tokens, spread back per token: (B, tokens).
+
+        ``column_scores`` (B, heads, pixels, columns) are the scores of :attr:`columns` only.
+        """
+        per_column = column_scores.amax(dim=(1, 2))  # (B, columns)
+        lowest = torch.finfo(per_column.dtype).min
+        member = self._member.to(per_column.device)
+        per_phrase = torch.where(member[None], per_column[:, None, :], lowest).amax(-1)  # (B, n)
+        return per_phrase @ self._spread.to(per_phrase.device)  # 0 for tokens of no phrase
 
 
 class CollageCrossAttnProcessor:
@@ -172,13 +180,17 @@ class CollageCrossAttnProcessor:
             and (state.steering or state.recorder is not None)
         )
         if not explicit:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, scale=attn.scale
+            )
         else:
             start = state.cond_start
             parts = []
             if start > 0:
                 parts.append(
-                    F.scaled_dot_product_attention(query[:start], key[:start], value[:start])
+                    F.scaled_dot_product_attention(
+                        query[:start], key[:start], value[:start], scale=attn.scale
+                    )
                 )
             parts.append(self._conditional(attn, query[start:], key[start:], value[start:]))
             out = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -196,17 +208,28 @@ class CollageCrossAttnProcessor:
         self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> torch.Tensor:
         state = self.state
-        scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale  # (B, heads, hw, T)
-        pixels, tokens = scores.shape[-2], scores.shape[-1]
-        grid: tuple[int, int] | None = None
+        pixels, tokens = query.shape[-2], key.shape[-2]
+        bias = None
         if state.steering and state.factor != 0.0:
-            table, grid = state.bias(pixels, tokens, scores.device)
-            peak = state.phrase_max(scores)  # (B, T)
-            scores = scores + (state.factor * table)[None, None] * peak[:, None, None, :]
+            assert state.columns is not None and state.token_phrase is not None
+            if tokens != state.token_phrase.shape[0]:
+                raise RuntimeError(f"{tokens} text tokens, expected {state.token_phrase.shape[0]}")
+            table, _ = state.bias(pixels, tokens, query.device)  # C: (pixels, tokens)
+            columns = state.columns.to(query.device)
+            column_keys = key[:, :, columns].float().transpose(-1, -2)
+            peak = state.phrase_max((query.float() @ column_keys) * attn.scale)  # (B, tokens)
+            bias = (state.factor * table)[None, None] * peak[:, None, None, :]
+        if state.recorder is None:  # fused attention with the bias as an additive mask
+            mask = None if bias is None else bias.to(query.dtype)
+            return F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, scale=attn.scale
+            )
+        scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
+        if bias is not None:
+            scores = scores + bias
         probs = scores.softmax(dim=-1)
-        if state.recorder is not None:
-            state.recorder(self.name, probs, grid or state.grid(pixels))
-        return (probs.to(value.dtype)) @ value
+        state.recorder(self.name, probs, state.grid(pixels))
+        return probs.to(value.dtype) @ value
 
 
 def install_processors(

@@ -407,8 +407,14 @@ def save_single_file(components: ModelComponents, path: str | Path) -> None:
         "psd_collage.kind": components.kind,
         "psd_collage.configs": json.dumps(configs, default=_json_default),
     }
-    # Tied / shared tensors must not alias in a safetensors file.
-    save_file({k: v.clone() for k, v in tensors.items()}, str(path), metadata=metadata)
+    # safetensors refuses tensors that share memory (tied weights): copy only those.
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        pointer = value.untyped_storage().data_ptr()
+        if pointer in seen:
+            tensors[key] = value.clone()
+        seen.add(pointer)
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def _json_default(value: Any) -> Any:

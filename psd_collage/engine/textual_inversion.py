@@ -311,7 +311,7 @@ def _install_token(components, token: str) -> list[int]:
         if token_id >= rows:
             # mean_resizing=False: the new row is set right after, the covariance would be wasted.
             encoder.resize_token_embeddings(token_id + 1, mean_resizing=False)
-        pass  # _pool_at_first_eos(encoder, tokenizer)
+        _pool_at_first_eos(encoder, tokenizer)
         ids.append(token_id)
     return ids
 

@@ -176,22 +176,23 @@ class Renderer:
             full = _DocumentSized(result.images, collage.document.size)
             pin = masks.pin_weights(plan.noise, plan.work_size)
             base = (collage.base.group, collage.base.layer) if collage.editing else None
+            source = _preview_source(masks.start_image(collage)) if settings.preview else None
+            negative, warnings = collage.negative_prompt, list(collage.warnings)
+            del collage, plan  # free the layers' pixels and masks before the writer needs memory
             write_variants(path, output, full, names, group, pin=pin, pin_base=base)
             preview_file = None
-            if settings.preview:
-                preview_file = write_preview(
-                    preview_path(output), masks.start_image(collage), result.images
-                )
+            if source is not None:
+                preview_file = write_preview(preview_path(output), source, result.images, pin)
             notify("write", 1, 1)
 
         used = settings.as_dict()
         used.update(
             seed=seed,
             prompt=result.prompt,
-            negative=collage.negative_prompt,
+            negative=negative,
             model=engine.model_name,
         )
-        used["working_size"] = list(plan.work_size)
+        used["working_size"] = list(request.image.shape[1::-1])
         return RenderResult(
             input=path,
             output=output,
@@ -199,7 +200,7 @@ class Renderer:
             variants=[{"seed": s, "layer": n} for s, n in zip(seeds, names, strict=True)],
             settings=used,
             timings=timings,
-            warnings=list(collage.warnings) + list(result.warnings),
+            warnings=warnings + list(result.warnings),
         )
 
 
@@ -241,11 +242,12 @@ def plan_render(collage: Collage, settings: Settings, work_size: tuple[int, int]
     phrases, ti_layers = [], []
     for index, layer in enumerate(collage.layers):
         if layer.options.ti if layer.options.ti is not None else settings.ti:
-            if layer.caption:
+            if layer.caption and layer.visible_area > 0:
                 ti_layers.append(index)
             else:
                 collage.warnings.append(
-                    f"layer {layer.name!r}: textual inversion needs a caption; skipped"
+                    f"layer {layer.name!r}: textual inversion needs a caption and visible "
+                    "pixels; skipped"
                 )
         if not layer.steered:
             continue
@@ -332,6 +334,9 @@ def _learn_layer_tokens(engine, collage, plan, settings, notify, cancel) -> None
 # ---------------------------------------------------------------------------
 
 
+PREVIEW_HEIGHT = 384
+
+
 class _DocumentSized(Sequence):
     """The variants upscaled to document size one at a time, as the writer asks for them.
 
@@ -365,12 +370,19 @@ def _resize_rgb(image_u8: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(pil, np.float32) / 255.0
 
 
+def _preview_source(image: np.ndarray, height: int = PREVIEW_HEIGHT) -> np.ndarray:
+    """The source picture shrunk to preview height now, so the full-size one can be freed."""
+    pil = Image.fromarray(image, "RGB")
+    width = max(1, round(pil.width * height / pil.height))
+    return np.asarray(pil.resize((width, height), Image.Resampling.LANCZOS))
+
+
 def write_preview(
     path: Path,
     source: np.ndarray,
     variants: Sequence[np.ndarray],
     pin: np.ndarray | None = None,
-    height: int = 384,
+    height: int = PREVIEW_HEIGHT,
 ) -> Path:
     """Source and variants side by side, so results can be browsed without Photoshop.
 

@@ -391,6 +391,8 @@ def test_once_sorts_good_and_bad_files_and_reports_them(tmp_path: Path) -> None:
     assert outcomes["good.psd"] == "done" and outcomes["photo.psd"] == "failed"
     good = next(r for r in status["recent"] if r["name"] == "good.psd")
     assert good["done"] == "done/good.psd" and good["seconds"] >= 0 and good["wait_s"] >= 0
+    photo = next(r for r in status["recent"] if r["name"] == "photo.psd")
+    assert photo["error_file"] == "failed/photo.error.txt" and "Photoshop" in photo["error"]
     log = layout.log_file.read_text()
     assert "ignoring readme.txt" in log and log.count("readme.txt") == 1
     assert "done good.psd -> done/good.psd" in log

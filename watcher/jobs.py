@@ -191,7 +191,7 @@ class Job:
         """Carry out the recorded moves (idempotent), then remove the job folder.
 
         Returns where the files went, keyed ``done``, ``preview``, ``original``,
-        ``failed``, ``error`` or ``sidecar``.
+        ``failed``, ``error_file`` or ``sidecar``.
         """
         if self.stage not in ("done", "failed"):
             raise RuntimeError(f"job {self.id} has no outcome yet")
@@ -390,7 +390,7 @@ def _kind(move: Move) -> str:
     if move.suffix == ".preview.png":
         return "preview"
     if move.suffix == ".error.txt":
-        return "error"
+        return "error_file"
     if move.suffix.endswith(".toml"):
         return "sidecar"
     return {"done": "done", "originals": "original", "failed": "failed"}[move.folder]

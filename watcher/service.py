@@ -356,6 +356,12 @@ class WatchService:
                 job.requeue()
                 self.board.running = None
                 self.board.message = str(exc)
+                log.error(
+                    "cannot load the model (%s): stopping; %s stays in work/ and runs at the "
+                    "next start",
+                    exc,
+                    job.name,
+                )
                 raise
             job.mark_failed(self._report(job, exc, internal=False))
         except CollageError as exc:

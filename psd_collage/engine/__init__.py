@@ -4,6 +4,14 @@ Knows diffusion, nothing of Photoshop. The render calls :func:`load_engine` once
 :meth:`Engine.generate` per document.
 """
 
+import os
+
+# transformers warns at import time that its image processors lack torchvision (we use
+# none of them) and draws a progress bar per model it loads: noise in a designer's terminal
+# and in the hot folder's log. The user can still ask for more with TRANSFORMERS_VERBOSITY.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 from .api import Engine, GenerationRequest, GenerationResult, SteeredPhrase, load_engine
 from .models import (
     ModelComponents,

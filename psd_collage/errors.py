@@ -22,6 +22,10 @@ class CollageError(Exception):
         super().__init__(" ".join(text.split()))  # always one line
 
 
+class IncompleteFile(CollageError):
+    """A PSD that ends before its sections say it should: still being copied, or truncated."""
+
+
 class TagError(CollageError):
     """A bad tag in a layer name or a bad per-layer sidecar entry."""
 

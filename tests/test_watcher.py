@@ -22,7 +22,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from psd_collage.errors import Cancelled, CollageError, ModelError, UnsupportedDocument
+from psd_collage.errors import (
+    Cancelled,
+    CollageError,
+    IncompleteFile,
+    ModelError,
+    UnsupportedDocument,
+)
 from psd_collage.settings import read_sidecar
 from watcher.jobs import MAX_ATTEMPTS, claim, open_job, pending_jobs
 from watcher.layout import Layout, free_stem, is_document, is_sidecar
@@ -42,8 +48,10 @@ def fake_header(path: Path) -> None:
     """Stand-in for the reader's check_header: the PSD signature and a full 26-byte header."""
     with open(path, "rb") as fh:
         head = fh.read(26)
-    if len(head) < 26 or head[:4] != b"8BPS":
+    if head[:4] != b"8BPS"[: len(head[:4])]:
         raise CollageError("not a Photoshop file", path=path)
+    if len(head) < 26:
+        raise IncompleteFile("is incomplete", path=path)
 
 
 def fake_psd(tag: str, size: int = 200) -> bytes:
@@ -200,15 +208,25 @@ def test_a_copy_that_stalls_midway_is_neither_taken_early_nor_failed(tmp_path: P
     assert ready and t == max(timeline) + 2.0  # one window after the last chunk
 
 
-def test_an_unreadable_file_is_failed_after_the_window_and_the_grace(tmp_path: Path) -> None:
+def test_a_stable_file_that_is_not_a_psd_fails_after_the_window(tmp_path: Path) -> None:
     tracker = StabilityTracker(tmp_path, 2.0, fake_header, wall_clock=time.time, grace=5.0)
     (tmp_path / "a.psd").write_bytes(b"JUNK" * 100)
+    tracker.scan(0.0)
+    assert tracker.settle(1.0) == ([], [])  # still inside the window
+    ready, rejected = tracker.settle(2.0)
+    assert ready == [] and [c.name for c in rejected] == ["a.psd"]
+    assert "not a Photoshop file" in str(rejected[0].header_error)
+
+
+def test_an_incomplete_file_gets_the_grace_before_it_fails(tmp_path: Path) -> None:
+    tracker = StabilityTracker(tmp_path, 2.0, fake_header, wall_clock=time.time, grace=5.0)
+    (tmp_path / "a.psd").write_bytes(b"8BPS\0\1")  # the copy stalled after 6 bytes
     tracker.scan(0.0)
     for t in (1.0, 2.0, 4.0, 6.5):
         assert tracker.settle(t) == ([], []), t
     ready, rejected = tracker.settle(7.0)
     assert ready == [] and [c.name for c in rejected] == ["a.psd"]
-    assert "not a Photoshop file" in str(rejected[0].header_error)
+    assert "incomplete" in str(rejected[0].header_error)
 
 
 def test_a_complete_file_becomes_ready_after_one_window(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from psd_collage.errors import CollageError
+from psd_collage.errors import CollageError, IncompleteFile
 
 from .layout import is_document, is_sidecar, sidecar_name
 
@@ -113,6 +113,8 @@ class StabilityTracker:
                 if cand.ready_at is None:
                     cand.ready_at = self._wall()
                 ready.append(cand)
+            elif not isinstance(cand.header_error, IncompleteFile):
+                rejected.append(cand)  # stable and not a PSD we can render: no use waiting
             elif cand.failing_since is None:
                 cand.failing_since = now
                 self.newly_failing.append(cand)

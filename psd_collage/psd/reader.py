@@ -30,7 +30,7 @@ from psd_tools.constants import Resource
 
 from .. import masks
 from ..collage import BaseImage, Box, Collage, CollageLayer, DocumentInfo
-from ..errors import CollageError, SettingsError, TagError, UnsupportedDocument
+from ..errors import CollageError, IncompleteFile, SettingsError, TagError, UnsupportedDocument
 from ..settings import LayerOptions, Settings, parse_tags, split_layer_name
 from . import color
 
@@ -118,11 +118,12 @@ def _read_header(path: Path, max_pixels: int | None) -> _Header:
         size = path.stat().st_size
         with path.open("rb") as fh:
             head = fh.read(26)
-            if head[:4] != b"8BPS":
+            if not (head[:4] == b"8BPS" or (len(head) < 4 and b"8BPS".startswith(head))):
                 raise CollageError(_not_psd_message(head, size), path=path)
-            if len(head) < 26:
-                raise CollageError(
-                    f"is incomplete: only {size} bytes; if it is still being copied wait, "
+            if len(head) < 26:  # an empty file or a bare start: a copy that has only begun
+                state = "is empty (0 bytes)" if size == 0 else f"is incomplete: only {size} bytes"
+                raise IncompleteFile(
+                    f"{state}; if it is still being copied wait, "
                     "otherwise save it again from Photoshop",
                     path=path,
                 )
@@ -201,7 +202,7 @@ def _check_complete(path: Path, fh: Any, h: _Header, size: int) -> None:
     """Walk the section lengths: a file shorter than they say is incomplete."""
 
     def incomplete(what: str) -> CollageError:
-        return CollageError(
+        return IncompleteFile(
             f"is incomplete: it ends ({size} bytes) inside its {what}; if it is still being "
             "copied wait, otherwise save it again from Photoshop",
             path=path,

@@ -38,6 +38,7 @@ class RenderResult:
     settings: dict[str, Any]
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    embeddings: Path | None = None  # folder of exported textual-inversion tokens
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +49,7 @@ class RenderResult:
             "settings": self.settings,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "warnings": self.warnings,
+            "embeddings": str(self.embeddings) if self.embeddings else None,
         }
 
 
@@ -58,6 +60,11 @@ def default_output(path: Path) -> Path:
 
 def preview_path(output: Path) -> Path:
     return output.with_suffix(".preview.png")
+
+
+def embeddings_path(output: Path) -> Path:
+    """``poster.harmonized.psd`` -> ``poster.harmonized.embeddings/`` (one file per token)."""
+    return output.with_suffix(".embeddings")
 
 
 class Renderer:
@@ -145,9 +152,14 @@ class Renderer:
             collage, settings, engine.working_size(collage.document.size, settings.resolution)
         )
 
+        embeddings = None
         if plan.ti_layers:
             with _timed(timings, "ti"):
-                _learn_layer_tokens(engine, collage, plan, settings, notify, cancel)
+                tokens = _learn_layer_tokens(engine, collage, plan, settings, notify, cancel)
+            if settings.export_ti:
+                from .engine.textual_inversion import export_embeddings
+
+                embeddings = export_embeddings(engine, tokens, embeddings_path(output))
 
         from .engine import GenerationRequest
 
@@ -201,6 +213,7 @@ class Renderer:
             settings=used,
             timings=timings,
             warnings=warnings + list(result.warnings),
+            embeddings=embeddings,
         )
 
 
@@ -298,7 +311,8 @@ def composite_up_to(collage: Collage, index: int, work_size: tuple[int, int]) ->
     return out
 
 
-def _learn_layer_tokens(engine, collage, plan, settings, notify, cancel) -> None:
+def _learn_layer_tokens(engine, collage, plan, settings, notify, cancel) -> list[str]:
+    """Learn (or load from the cache) one token per TI layer and put it before its caption."""
     from .engine.textual_inversion import InversionSettings, InversionTarget, learn_tokens
 
     targets = [
@@ -327,6 +341,7 @@ def _learn_layer_tokens(engine, collage, plan, settings, notify, cancel) -> None
         if phrase.text in plan.prompt:
             plan.prompt = plan.prompt.replace(phrase.text, tokened, 1)
         phrase.text = tokened
+    return tokens
 
 
 # ---------------------------------------------------------------------------

@@ -159,6 +159,7 @@ class Settings:
     ti_steps: int = 250
     ti_lr: float = 4e-4
     ti_batch: int = 4
+    export_ti: bool = False
     device: str | None = None
     dtype: str | None = None
     attention_slicing: bool = False
@@ -200,6 +201,7 @@ _SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "ti_steps": (int,),
     "ti_lr": (int, float),
     "ti_batch": (int,),
+    "export_ti": (bool,),
     "device": (str,),
     "dtype": (str,),
     "attention_slicing": (bool,),

@@ -188,3 +188,69 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("error:")
     assert str(missing) in run.stderr and "Traceback" not in run.stderr
+
+
+def test_ti_layer_learns_once_then_comes_from_the_cache(collage_psd, tmp_path, monkeypatch):
+    monkeypatch.setenv("PSD_COLLAGE_CACHE", str(tmp_path / "cache"))
+    tagged = edit_copy(
+        collage_psd,
+        tmp_path / "ti.psd",
+        rename={"a blue ball [noise=0.9]": "a blue ball [noise=0.9, ti]"},
+    )
+    options = {**TINY, "variants": 1, "ti_steps": 3, "ti_batch": 1, "export_ti": True}
+    events: list[tuple[str, int, int]] = []
+
+    def record(phase: str, done: int, total: int) -> None:
+        events.append((phase, done, total))
+
+    first = Renderer(overrides=options).render_file(tagged, tmp_path / "one.psd", progress=record)
+    assert max(total for phase, _, total in events if phase == "ti") == 3  # trained
+    token = first.settings["prompt"].split("> a blue ball")[0].rsplit("<", 1)[1]
+    assert first.settings["prompt"].count(f"<{token}> a blue ball") == 1  # placed before it
+    exported = list(first.embeddings.glob("*.safetensors"))
+    assert [p.stem for p in exported] == [token]
+
+    events.clear()  # a restart: a new renderer and model, the same cache folder
+    second = Renderer(overrides=options).render_file(tagged, tmp_path / "two.psd", progress=record)
+    assert all(total == 0 for phase, _, total in events if phase == "ti")  # no training step
+    one = _harmonized_groups(PSDImage.open(first.output))[0][0].numpy()
+    two = _harmonized_groups(PSDImage.open(second.output))[0][0].numpy()
+    np.testing.assert_array_equal(one, two)
+
+
+def _fixture_names() -> list[str]:
+    from conftest import FIXTURES
+
+    if not FIXTURES.is_dir():
+        return ["(fixtures absent)"]
+    return sorted(str(p.relative_to(FIXTURES)) for p in FIXTURES.rglob("*.ps[db]"))
+
+
+@pytest.fixture(scope="module")
+def quick_renderer() -> Renderer:
+    return Renderer(overrides={"model": "tiny", "variants": 1, "steps": 1, "seed": 7})
+
+
+@pytest.mark.parametrize("name", _fixture_names())
+def test_every_photoshop_fixture_renders_or_fails_clearly(
+    quick_renderer, fixtures_dir, name, tmp_path
+):
+    from test_fixtures import FAILS
+
+    path = fixtures_dir / name
+    output = tmp_path / f"out{path.suffix}"
+    if name in FAILS:
+        error, words = FAILS[name]
+        with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+            quick_renderer.render_file(path, output)
+        assert not output.exists()
+        return
+    quick_renderer.render_file(path, output)
+    src, out = PSDImage.open(path), PSDImage.open(output)
+    assert (out.color_mode, out.depth, out.size, out.version) == (
+        src.color_mode, src.depth, src.size, src.version,
+    )  # fmt: skip
+    assert [layer.name for layer in out][:-1] == [layer.name for layer in src]
+    group = out[-1]
+    assert group.name.startswith("[harmonized]") and [v.name for v in group] == ["seed 7"]
+    assert group[0].size == src.size and group[0].visible

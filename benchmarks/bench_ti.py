@@ -6,6 +6,10 @@ the progress callback), then asked for again on the same engine (cached) and on
 a freshly loaded engine (cached after a "restart"; the load itself not counted).
 The probe loss (fixed batch, before -> after) says whether training did anything.
 
+Then the same file rendered twice (samples/picnic.psd with ``[ti]`` on the cat
+layer, tiny model, 4 sampling steps): the first render trains, the second, by a
+new renderer (a restart), finds the token in the cache. Model loading is left out.
+
 The tiny models have random weights: the figures measure our training loop and
 cache, not the cost on a real model (a real SD 1.5 step is far heavier). The
 authors' 250 steps take minutes per layer on two CPU cores even for the tiny
@@ -90,6 +94,27 @@ def bench_model(model: str, settings: InversionSettings, size: int, cache: Path)
     }
 
 
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "picnic.psd"
+
+
+def bench_render(steps: int, cache: Path) -> dict:
+    """Render time (load excluded) of the sample with one TI layer: uncached, then cached."""
+    import os
+
+    from psd_collage.render import Renderer
+
+    os.environ["PSD_COLLAGE_CACHE"] = str(cache)
+    options = {
+        "model": "tiny", "variants": 1, "steps": 4, "seed": 1, "ti_steps": steps,
+        "layers": {"a tabby cat": {"ti": True}},
+    }  # fmt: skip
+    seconds = []
+    for name in ("uncached", "cached"):
+        result = Renderer(overrides=options).render_file(SAMPLE, cache / f"{name}.psd")
+        seconds.append(sum(v for k, v in result.timings.items() if k != "load"))
+    return {"render_uncached_s": seconds[0], "render_cached_s": seconds[1], "ti_steps": steps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -107,8 +132,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             results.append(bench_model(model.strip(), settings, args.size, Path(tmp) / model))
+        render = bench_render(args.steps, Path(tmp) / "render")
 
-    report = {"torch_threads": torch.get_num_threads(), "results": results}
+    report = {"torch_threads": torch.get_num_threads(), "results": results, "render": render}
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -124,6 +150,10 @@ def main() -> None:
             f"{r['speedup_cached']:.0f}x); "
             f"probe loss {r['probe_loss_before']:.4f} -> {r['probe_loss_after']:.4f}"
         )
+    print(
+        f"render of samples/picnic.psd with one [ti] layer ({render['ti_steps']} steps): "
+        f"{render['render_uncached_s']:.1f} s uncached, {render['render_cached_s']:.1f} s cached"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
+	mkdir -p out
 	$(VENV)/bin/psd-collage render samples/picnic.psd --model tiny --variants 2 --steps 8 -o out/picnic.harmonized.psd --preview
 	@echo "open out/picnic.harmonized.psd in Photoshop (or see out/picnic.harmonized.preview.png)"
 

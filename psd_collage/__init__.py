@@ -2,6 +2,8 @@
 
 from .collage import BaseImage, Collage, CollageLayer, DocumentInfo
 from .errors import Cancelled, CollageError
+from .psd.reader import read_collage
+from .render import Renderer, RenderResult, render_file
 from .settings import LayerOptions, Settings
 
 __all__ = [
@@ -12,6 +14,10 @@ __all__ = [
     "CollageLayer",
     "DocumentInfo",
     "LayerOptions",
+    "RenderResult",
+    "Renderer",
     "Settings",
+    "read_collage",
+    "render_file",
 ]
 __version__ = "0.1.0"

@@ -89,6 +89,23 @@ def test_uncached_hub_id_offline_gives_one_line_advice(monkeypatch):
     assert "--model tiny" in message
 
 
+def test_uncached_hub_id_without_network_fails_fast_with_advice(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # never resolves
+    start = time.monotonic()
+    with pytest.raises(ModelError) as error:
+        load_engine("psd-collage-tests/no-such-model", device="cpu")
+    assert time.monotonic() - start < 10  # no half-minute of retries
+    message = str(error.value)
+    assert "\n" not in message and "cannot be reached" in message
+    assert "huggingface-cli download psd-collage-tests/no-such-model" in message
+
+
 def test_foreign_single_file_offline_says_which_configs_are_missing(tmp_path, monkeypatch):
     from huggingface_hub import constants
 

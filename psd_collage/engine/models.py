@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tempfile
+import urllib.parse
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -588,6 +590,20 @@ def _hub_offline() -> bool:
     return value.upper() in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick look before downloading: huggingface_hub retries an unreachable hub for
+    about 30 s, printing every retry, before it gives up."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _load_diffusers(
     source: str, dtype: torch.dtype, allow_pickle: bool, local_files_only: bool
 ) -> ModelComponents:
@@ -685,6 +701,11 @@ def _load_hub_quietly(repo_id: str, dtype: torch.dtype, allow_pickle: bool) -> M
         raise ModelError(
             f"model {repo_id!r} is not in the local Hugging Face cache and downloads are off "
             f"(HF_HUB_OFFLINE): {advice}"
+        ) from cached_error
+    if not _hub_reachable():
+        raise ModelError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and the hub cannot be "
+            f"reached from here: {advice}"
         ) from cached_error
     try:
         return _load_diffusers(repo_id, dtype, allow_pickle, local_files_only=False)

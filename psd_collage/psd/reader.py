@@ -192,7 +192,7 @@ def _check_header_fields(path: Path, h: _Header, max_pixels: int | None) -> None
     if max_pixels is not None and h.width * h.height > max_pixels:
         raise UnsupportedDocument(
             f"canvas {h.width} x {h.height} px ({h.width * h.height / 1e6:.1f} megapixels) "
-            f"is over the limit of {max_pixels / 1e6:.1f} megapixels; reduce it with "
+            f"is over the limit of {max_pixels / 1e6:.3g} megapixels; reduce it with "
             "Image > Image Size or raise max_pixels",
             path=path,
         )

@@ -134,6 +134,12 @@ class Renderer:
 
         path = Path(path)
         output = path if in_place else Path(output) if output else default_output(path)
+        if not in_place and output.resolve() == path.resolve():
+            raise CollageError(
+                "the output would replace the input; use --in-place to do that (a .bak copy is "
+                "kept) or choose another output",
+                path=path,
+            )
         timings: dict[str, float] = {}
         notify = progress or (lambda phase, done, total: None)
 

@@ -160,6 +160,13 @@ def test_cli_renders_several_files_one_failing_does_not_stop_the_rest(collage_ps
     assert len(errors) == 1 and str(bad) in errors[0]
 
 
+def test_output_onto_the_input_needs_in_place(renderer, collage_psd):
+    before = _sha(collage_psd)
+    with pytest.raises(CollageError, match="--in-place"):
+        renderer.render_file(collage_psd, collage_psd)
+    assert _sha(collage_psd) == before and not Path(f"{collage_psd}.bak").exists()
+
+
 def test_cli_in_place_keeps_a_backup(collage_psd, tmp_path):
     original = collage_psd.read_bytes()
     run = _cli(

@@ -31,7 +31,7 @@ def _guarded(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except CollageError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)

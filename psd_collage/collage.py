@@ -17,6 +17,17 @@ from .settings import LayerOptions
 Box = tuple[int, int, int, int]  # left, top, right, bottom in document pixels
 
 
+def to_u8(values: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> rounded uint8 (the collage's pixel format), clipping what is outside.
+
+    Works in float32 on one temporary: this runs on full 8000 x 6000 canvases.
+    """
+    scaled = np.multiply(values, np.float32(255.0), dtype=np.float32)
+    scaled += np.float32(0.5)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    return scaled.astype(np.uint8)
+
+
 @dataclass(frozen=True)
 class DocumentInfo:
     path: Path
@@ -91,7 +102,3 @@ class Collage:
     def editing(self) -> bool:
         """An edit: an earlier variant is the base and some layers are tagged redo."""
         return self.base is not None and any(layer.redo for layer in self.layers)
-
-    @property
-    def captions(self) -> list[str]:
-        return [layer.caption for layer in self.layers if layer.caption]

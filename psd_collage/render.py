@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import masks
 from .atomic import atomic_write
-from .collage import Collage, CollageLayer
+from .collage import Collage, CollageLayer, to_u8
 from .errors import CollageError
 from .settings import Settings, read_sidecar, sidecar_path, validate_settings
 
@@ -376,11 +376,7 @@ class _DocumentSized(Sequence):
         image = self._images[index]
         if image.shape[1::-1] == tuple(self._size):
             return image.astype(np.float32, copy=False)
-        return _resize_rgb(_to_u8(image), self._size)
-
-
-def _to_u8(image: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+        return _resize_rgb(to_u8(image), self._size)
 
 
 def _resize_rgb(image_u8: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -413,11 +409,11 @@ def write_preview(
     size = (max(1, round(doc_w * height / doc_h)), height)
     base = _resize_rgb(source, size)
     weight = masks.resize_map(pin, size)[..., None] if pin is not None else 0.0
-    tiles = [base] + [_resize_rgb(_to_u8(v), size) * (1 - weight) + base * weight for v in variants]
+    tiles = [base] + [_resize_rgb(to_u8(v), size) * (1 - weight) + base * weight for v in variants]
     gap = 8
     sheet = Image.new("RGB", (len(tiles) * (size[0] + gap) - gap, height), "white")
     for k, tile in enumerate(tiles):
-        sheet.paste(Image.fromarray(_to_u8(tile), "RGB"), (k * (size[0] + gap), 0))
+        sheet.paste(Image.fromarray(to_u8(tile), "RGB"), (k * (size[0] + gap), 0))
     return atomic_write(path, lambda fh: sheet.save(fh, format="PNG"))
 
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import masks
 from .atomic import atomic_write
-from .collage import Collage
+from .collage import Collage, to_u8
 from .settings import Settings
 
 #: Longest side of a contact-sheet tile, in pixels.
@@ -154,7 +154,7 @@ def _mask_tile(layer: Any, scale: float, tile_size: tuple[int, int]) -> Image.Im
     left, top, right, bottom = layer.box
     x0, y0 = round(left * scale), round(top * scale)
     x1, y1 = max(x0 + 1, round(right * scale)), max(y0 + 1, round(bottom * scale))
-    crop = Image.fromarray(np.clip(layer.visible * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    crop = Image.fromarray(to_u8(layer.visible))
     canvas.paste(crop.resize((x1 - x0, y1 - y0), Image.Resampling.BOX), (x0, y0))
     return canvas.convert("RGB")
 

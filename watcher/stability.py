@@ -32,7 +32,6 @@ class Candidate:
 
     name: str
     signature: Signature
-    first_seen: float  # monotonic
     changed_at: float  # monotonic time the signature last changed (or first seen)
     mtime: float  # the document's mtime (wall clock) at the last change
     header_error: CollageError | None = None
@@ -86,7 +85,7 @@ class StabilityTracker:
             seen.add(name)
             known = self.candidates.get(name)
             if known is None:
-                cand = Candidate(name, signature, now, now, signature[0][1] / 1e9)
+                cand = Candidate(name, signature, now, signature[0][1] / 1e9)
                 self.candidates[name] = cand
                 self.newly_seen.append(cand)
             elif known.signature != signature:
@@ -121,10 +120,6 @@ class StabilityTracker:
             elif now - cand.failing_since >= self.grace:
                 rejected.append(cand)
         return ready, rejected
-
-    def unsettled(self) -> bool:
-        """Documents still changing or waiting for their header to be judged."""
-        return any(c.ready_at is None for c in self.candidates.values())
 
     def next_deadline(self, now: float) -> float | None:
         """Seconds until a candidate may change state (for the main loop's sleep)."""

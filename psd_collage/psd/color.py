@@ -18,6 +18,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageCms
 
+from ..collage import to_u8
+
 SUPPORTED_MODES = ("RGB", "GRAYSCALE", "CMYK")
 _PIL_MODE = {"RGB": "RGB", "GRAYSCALE": "L", "CMYK": "CMYK"}
 _CHANNELS = {"RGB": 3, "GRAYSCALE": 1, "CMYK": 4}
@@ -31,7 +33,7 @@ def to_srgb(pixels: np.ndarray, mode: str, icc: bytes | None = None) -> np.ndarr
     native = native[..., : _CHANNELS[mode]]
     transform = _transform(icc, mode, to_srgb=True) if icc else None
     if transform is not None:
-        image = Image.fromarray(_to_u8(_squeeze(native)), _PIL_MODE[mode])
+        image = Image.fromarray(to_u8(_squeeze(native)), _PIL_MODE[mode])
         return np.asarray(ImageCms.applyTransform(image, transform), np.float32) / 255.0
     if mode == "RGB":
         return native.astype(np.float32, copy=False)
@@ -47,7 +49,7 @@ def from_srgb(rgb: np.ndarray, mode: str, icc: bytes | None = None) -> np.ndarra
         raise ValueError(f"unsupported mode {mode}")
     transform = _transform(icc, mode, to_srgb=False) if icc else None
     if transform is not None:
-        image = ImageCms.applyTransform(Image.fromarray(_to_u8(rgb), "RGB"), transform)
+        image = ImageCms.applyTransform(Image.fromarray(to_u8(rgb), "RGB"), transform)
         native = np.asarray(image, np.float32) / 255.0
         return native if native.ndim == 3 else native[..., None]
     if mode == "RGB":
@@ -74,10 +76,6 @@ def profile_name(icc: bytes | None) -> str:
 
 def _squeeze(native: np.ndarray) -> np.ndarray:
     return native[..., 0] if native.shape[2] == 1 else native
-
-
-def _to_u8(values: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
 
 
 @lru_cache(maxsize=8)

@@ -29,7 +29,7 @@ from psd_tools.composite import composite as psd_composite
 from psd_tools.constants import Resource
 
 from .. import masks
-from ..collage import BaseImage, Box, Collage, CollageLayer, DocumentInfo
+from ..collage import BaseImage, Box, Collage, CollageLayer, DocumentInfo, to_u8
 from ..errors import CollageError, IncompleteFile, SettingsError, TagError, UnsupportedDocument
 from ..settings import LayerOptions, Settings, parse_tags, split_layer_name
 from . import color
@@ -734,7 +734,7 @@ class _Reader:
                 rows_out[...] = self._to_srgb8(native * alpha + (1.0 - alpha))
             else:
                 rows_out[..., :3] = self._to_srgb8(native)
-                rows_out[..., 3] = _to_u8(alpha[..., 0])
+                rows_out[..., 3] = to_u8(alpha[..., 0])
         return out
 
     def _is_plain(self, layer: Layer) -> bool:
@@ -769,17 +769,17 @@ class _Reader:
             band = (slice(y + start, y + stop), slice(x, x + width))
             out[start:stop, :, :3] = self._to_srgb8(color[band])
             alpha = shape[band][..., 0] if shape is not None else np.ones(1, np.float32)
-            out[start:stop, :, 3] = _to_u8(alpha * np.float32(factor))
+            out[start:stop, :, 3] = to_u8(alpha * np.float32(factor))
         return out
 
     def _to_srgb8(self, native: np.ndarray) -> np.ndarray:
         """Document channels (float, psd-tools' convention) -> uint8 sRGB, via color.py."""
         # 32-bit documents hold HDR values: we tone-map them by clipping to [0, 1],
-        # which _to_u8 (and color.py's CMYK path) do on the way to 8 bits.
+        # which to_u8 (and color.py's CMYK path) do on the way to 8 bits.
         if self.mode == "CMYK":
             # psd-tools keeps the file's convention (1 = no ink); color.py takes PIL's (0 = no ink).
             native = 1.0 - native
-        return _to_u8(color.to_srgb(native, self.mode, self.icc))
+        return to_u8(color.to_srgb(native, self.mode, self.icc))
 
     def _flatten(self) -> np.ndarray:
         """The flattened collage, (H, W, 3) uint8 sRGB over white."""
@@ -930,14 +930,6 @@ def _trim(rgba: np.ndarray, viewport: Box) -> tuple[np.ndarray, Box]:
     pixels = np.ascontiguousarray(rgba[top:bottom, left:right])
     x, y = viewport[0], viewport[1]
     return pixels, (int(x + left), int(y + top), int(x + right), int(y + bottom))
-
-
-def _to_u8(values: np.ndarray) -> np.ndarray:
-    """[0, 1] floats -> rounded uint8, clipping anything outside (in place on a temporary)."""
-    scaled = np.multiply(values, np.float32(255.0), dtype=np.float32)
-    scaled += np.float32(0.5)
-    np.clip(scaled, 0.0, 255.0, out=scaled)
-    return scaled.astype(np.uint8)
 
 
 __all__ = [

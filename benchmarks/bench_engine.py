@@ -36,6 +36,7 @@ from psd_collage.engine.models import (
 from psd_collage.engine.sampler import first_step
 from psd_collage.engine.tiny_vocab import build_tiny_tokenizer
 from psd_collage.masks import strength_map
+from psd_collage.settings import EngineOptions
 
 BENCH = {  # SD-1.x layout, narrower: the UNet dominates like in the real model, on 2 CPU cores
     "unet_channels": (64, 128, 256, 256),
@@ -154,7 +155,9 @@ def main() -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    engine = Engine(components, device=device, dtype=dtype, scheduler="euler_ancestral")
+    engine = Engine(
+        components, EngineOptions(scheduler="euler_ancestral"), device=device, dtype=dtype
+    )
     pipe.to(device)
     if pipe_unet.dtype != dtype:
         pipe_unet.to(dtype=dtype)

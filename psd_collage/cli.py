@@ -1,52 +1,28 @@
 """The ``psd-collage`` command: a thin shell over :mod:`psd_collage.render`.
 
+Commands: ``inspect`` and ``render`` here, ``watch`` from ``watcher/cli.py``; each new
+command is registered at the bottom of this file with ``main.add_command``.
+
 Exit status: 0 success, 2 a problem with the input (one ``error:`` line on
 stderr, no traceback), 1 an internal error (a bug: please report it).
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from watcher.cli import watch
+
 from .errors import CollageError
-from .settings import SCHEDULERS, SETTING_KEYS, Settings, read_sidecar, sidecar_path
+from .options import guarded, render_options, settings_from_options
+from .settings import Settings, read_sidecar, sidecar_path
 
 PSD_SUFFIXES = (".psd", ".psb")
-
-
-def _guarded(func: Callable) -> Callable:
-    """Turn user errors into one line + exit 2, bugs into one line + exit 1."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except CollageError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
-        except Exception as exc:  # a bug, not the user's fault
-            if os.environ.get("PSD_COLLAGE_DEBUG"):
-                raise
-            name = type(exc).__name__
-            click.echo(
-                f"error: internal error ({name}: {exc}); please report it, "
-                "with PSD_COLLAGE_DEBUG=1 set for the traceback",
-                err=True,
-            )
-            sys.exit(1)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,7 +44,7 @@ def main() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write a PNG contact sheet: collage, each layer's mask, the noise map.",
 )
-@_guarded
+@guarded
 def inspect(file: Path, as_json: bool, sheet: Path | None) -> None:
     """Show how FILE maps to a collage, before spending GPU time on it."""
     from .psd.reader import read_collage
@@ -95,67 +71,6 @@ def inspect(file: Path, as_json: bool, sheet: Path | None) -> None:
 # ---------------------------------------------------------------------------
 
 
-def render_options(func: Callable) -> Callable:
-    """The render settings as options; shared with ``watch`` (folder defaults there)."""
-    options = [
-        click.option(
-            "--model", help="Hub id, local diffusers folder, single .safetensors, or 'tiny'."
-        ),
-        click.option("--variants", type=click.IntRange(1, 64), help="How many variants (seeds)."),
-        click.option(
-            "--seed", type=click.IntRange(0), help="First seed; variants use seed, seed+1, ..."
-        ),
-        click.option("--steps", type=click.IntRange(1, 1000), help="Sampling steps (paper: 50)."),
-        click.option("--guidance", type=float, help="Classifier-free guidance (paper: 7)."),
-        click.option("--prompt", help="Global prompt (overrides the 'prompt' text layer)."),
-        click.option("--negative", help="Negative prompt."),
-        click.option("--resolution", type=int, help="Working resolution (default: the model's)."),
-        click.option(
-            "--noise", type=click.FloatRange(0, 1), help="Noise for layers without a noise tag."
-        ),
-        click.option(
-            "--scheduler", type=click.Choice(SCHEDULERS), help="Sampler (default euler_ancestral)."
-        ),
-        click.option(
-            "--ti/--no-ti", default=None, help="Textual inversion for every captioned layer."
-        ),
-        click.option(
-            "--ti-steps", type=click.IntRange(1), help="Textual inversion steps per layer."
-        ),
-        click.option("--device", help="cuda, cuda:1, mps or cpu (default: the best available)."),
-        click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"])),
-        click.option(
-            "--attention-slicing", is_flag=True, default=None, help="Less GPU memory, slower."
-        ),
-        click.option(
-            "--vae-tiling", is_flag=True, default=None, help="Decode large images in tiles."
-        ),
-        click.option(
-            "--cpu-offload",
-            is_flag=True,
-            default=None,
-            help="Keep idle models in RAM (6-8 GB GPUs).",
-        ),
-        click.option(
-            "--allow-pickle",
-            is_flag=True,
-            default=None,
-            help="Allow .ckpt/.bin checkpoints (runs code in them!).",
-        ),
-        click.option(
-            "--max-pixels", type=click.IntRange(1), help="Refuse documents larger than this."
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def settings_from_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The options the user actually gave, under their Settings names."""
-    return {k: v for k, v in options.items() if k in SETTING_KEYS and v is not None}
-
-
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
@@ -165,7 +80,7 @@ def settings_from_options(options: dict[str, Any]) -> dict[str, Any]:
 @click.option("--preview/--no-preview", default=None, help="Also write NAME.preview.png.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file on stdout.")
 @render_options
-@_guarded
+@guarded
 def render(
     files: tuple[Path, ...], output: Path | None, in_place: bool, as_json: bool, **options: Any
 ) -> None:
@@ -276,15 +191,12 @@ class _ProgressBar:
         self._bar.refresh()
 
 
-def _register_watch() -> None:
-    try:
-        from watcher.cli import watch
-    except ImportError:  # the hot folder is optional in a library-only install
-        return
-    main.add_command(watch)
+# ---------------------------------------------------------------------------
+# Commands from other packages: one explicit line each, so an import error surfaces
+# (their shared options come from psd_collage.options, which imports no command).
+# ---------------------------------------------------------------------------
 
-
-_register_watch()
+main.add_command(watch)
 
 
 if __name__ == "__main__":

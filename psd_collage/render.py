@@ -78,7 +78,6 @@ class Renderer:
         self._defaults = validate_settings(defaults or {}, where="folder defaults")
         self._overrides = validate_settings(overrides or {}, where="command line")
         self._engine = None
-        self._engine_key: tuple | None = None
 
     def settings_for(self, path: Path, sidecar: Path | None = None) -> Settings:
         """Built-in < folder defaults < the file's sidecar < command line."""
@@ -90,31 +89,12 @@ class Renderer:
 
     def engine_for(self, settings: Settings):
         """The engine for these settings, reused while the model options stay the same."""
-        key = (
-            settings.model,
-            settings.device,
-            settings.dtype,
-            settings.scheduler,
-            settings.allow_pickle,
-            settings.attention_slicing,
-            settings.vae_tiling,
-            settings.cpu_offload,
-        )
-        if self._engine is None or key != self._engine_key:
+        options = settings.engine_options()
+        if self._engine is None or options != self._engine.options:
             from .engine import load_engine  # torch is imported only when a render needs it
 
             self._engine = None  # free the old model before loading the next
-            self._engine = load_engine(
-                settings.model,
-                device=settings.device,
-                dtype=settings.dtype,
-                scheduler=settings.scheduler,
-                allow_pickle=settings.allow_pickle,
-                attention_slicing=settings.attention_slicing,
-                vae_tiling=settings.vae_tiling,
-                cpu_offload=settings.cpu_offload,
-            )
-            self._engine_key = key
+            self._engine = load_engine(options)
         return self._engine
 
     def render_file(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,17 +27,14 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Per-layer options (tags in layer names, [layers."name"] tables in sidecars)
 # ---------------------------------------------------------------------------
 
-#: Tag key -> (kind, help). Kinds: "unit" float in [0, 1], "weight" float in [0, 2], "flag" bool.
-LAYER_KEYS: dict[str, tuple[str, str]] = {
-    "noise": ("unit", "how much this region may change (0 keeps it, 1 repaints it)"),
-    "lock": ("flag", "keep this layer's pixels exactly (same as noise=0)"),
-    "skip": ("flag", "leave this layer out of the collage"),
-    "split": ("flag", "a group: make each child its own collage layer"),
-    "redo": ("flag", "regenerate this layer on top of the chosen earlier result"),
-    "ti": ("flag", "learn this layer's look with textual inversion"),
-    "inside": ("weight", "how strongly the caption is pulled into the layer's area"),
-    "outside": ("weight", "how strongly the caption is pushed out of the rest of the image"),
-}
+#: Tag kinds: "unit" a number in [0, 1], "weight" a number in [0, 2], "flag" on/off.
+_KIND_RANGES: dict[str, tuple[float, float]] = {"unit": (0.0, 1.0), "weight": (0.0, 2.0)}
+
+
+def _tag(kind: str, help: str) -> Any:
+    """One per-layer key: its kind and what it does (the field's name is the tag)."""
+    return field(default=None, metadata={"kind": kind, "help": help})
+
 
 _TRUE = {"", "on", "true", "yes", "1"}
 _FALSE = {"off", "false", "no", "0"}
@@ -45,16 +43,27 @@ _TAG_BLOCK = re.compile(r"\s*\[([^\[\]]*)\]\s*$")
 
 @dataclass(frozen=True)
 class LayerOptions:
-    """Per-layer options; ``None`` means "not set here, use the default"."""
+    """Per-layer options; ``None`` means "not set here, use the default".
 
-    noise: float | None = None
-    lock: bool | None = None
-    skip: bool | None = None
-    split: bool | None = None
-    redo: bool | None = None
-    ti: bool | None = None
-    inside: float | None = None
-    outside: float | None = None
+    The one table of per-layer keys: a tag in a layer name (``[noise=0.4, ti]``) and a
+    sidecar's ``[layers."name"]`` table accept exactly these fields. Adding a key is one
+    line here.
+    """
+
+    noise: float | None = _tag(
+        "unit", "how much this region may change (0 keeps it, 1 repaints it)"
+    )
+    lock: bool | None = _tag("flag", "keep this layer's pixels exactly (same as noise=0)")
+    skip: bool | None = _tag("flag", "leave this layer out of the collage")
+    split: bool | None = _tag("flag", "a group: make each child its own collage layer")
+    redo: bool | None = _tag("flag", "regenerate this layer on top of the chosen earlier result")
+    ti: bool | None = _tag("flag", "learn this layer's look with textual inversion")
+    inside: float | None = _tag(
+        "weight", "how strongly the caption is pulled into the layer's area"
+    )
+    outside: float | None = _tag(
+        "weight", "how strongly the caption is pushed out of the rest of the image"
+    )
 
     def merged(self, other: LayerOptions) -> LayerOptions:
         """``other``'s set values win over ours."""
@@ -65,6 +74,12 @@ class LayerOptions:
         return {
             f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
         }
+
+
+#: Tag key -> (kind, help), derived from :class:`LayerOptions`.
+LAYER_KEYS: dict[str, tuple[str, str]] = {
+    f.name: (f.metadata["kind"], f.metadata["help"]) for f in fields(LayerOptions)
+}
 
 
 def split_layer_name(name: str) -> tuple[str, str | None]:
@@ -117,7 +132,7 @@ def _coerce(key: str, value: Any, *, layer: str, where: str) -> Any:
         if text in _FALSE:
             return False
         raise error(f"{prefix}: tag {key}={value!r} is not on/off")
-    low, high = (0.0, 1.0) if kind == "unit" else (0.0, 2.0)
+    low, high = _KIND_RANGES[kind]
     if isinstance(value, bool) or value == "":
         raise error(
             f"{prefix}: tag {key!r} needs a number between {low:g} and {high:g}, e.g. {key}=0.5"
@@ -136,39 +151,137 @@ def _coerce(key: str, value: Any, *, layer: str, where: str) -> Any:
 
 
 # ---------------------------------------------------------------------------
-# Document / render settings
+# Choices
 # ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Everything a render needs besides the PSD. Field names are the CLI's long options."""
+class SchedulerSpec:
+    """A ``--scheduler`` name: the diffusers class the engine builds and its config changes."""
 
-    model: str = DEFAULT_MODEL
-    prompt: str | None = None
-    negative: str | None = None
-    prompt_suffix: str = ""
-    variants: int = 4
-    seed: int | None = None
-    steps: int = 50
-    guidance: float = 7.0
-    scheduler: str = "euler_ancestral"
-    resolution: int | None = None
-    noise: float = 0.6
-    ti: bool = False
-    ti_steps: int = 250
-    ti_lr: float = 4e-4
-    ti_batch: int = 4
-    export_ti: bool = False
-    device: str | None = None
-    dtype: str | None = None
-    attention_slicing: bool = False
-    vae_tiling: bool = False
-    cpu_offload: bool = False
-    allow_pickle: bool = False
-    max_pixels: int = 120_000_000
-    min_area: float = 0.01
-    preview: bool = False
+    diffusers_class: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+#: The ``--scheduler`` names, declared once: the setting's choices and the engine's
+#: classes (engine/models.py) both come from here. Adding a sampler is one line.
+SCHEDULERS: dict[str, SchedulerSpec] = {
+    "euler_ancestral": SchedulerSpec("EulerAncestralDiscreteScheduler"),
+    "euler": SchedulerSpec("EulerDiscreteScheduler"),
+    "ddim": SchedulerSpec("DDIMScheduler"),
+    "dpm++": SchedulerSpec("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "pndm": SchedulerSpec("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": SchedulerSpec("LMSDiscreteScheduler"),
+}
+
+#: ``--dtype`` names (the engine also takes fp16/bf16/fp32 from Python callers).
+DTYPES = ("float16", "bfloat16", "float32")
+
+#: ``--resolution`` works in latent cells of 8 px that the UNet halves three times.
+RESOLUTION_STEP = 64
+
+
+# ---------------------------------------------------------------------------
+# Document / render settings: the registry
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """Everything known about one setting besides its name, type and default.
+
+    The name, type and default are the :class:`Settings` field's; the rest is here.
+    """
+
+    help: str
+    range: tuple[float, float] | None = None  # inclusive
+    choices: tuple[str, ...] | None = None
+    multiple_of: int | None = None
+    unit: str | None = None  # shown as the option's value name in --help, e.g. PIXELS
+    default_text: str | None = None  # what the default means, where it is None
+    option: bool = True  # False: no command-line option (the command sets it, or sidecars do)
+    sidecar: bool = True  # False: operator-only; a designer's NAME.psd.toml may not set it
+
+
+def setting(default: Any, help: str, **spec: Any) -> Any:
+    """Declare one setting: a :class:`Settings` field carrying its :class:`SettingSpec`."""
+    return field(default=default, metadata={"spec": SettingSpec(help=help, **spec)})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a render needs besides the PSD. Field names are the CLI's long options.
+
+    THE REGISTRY: each setting is declared here once (name, type, default, help, range,
+    choices, units, who may set it). Validation (:func:`validate_settings`), the sidecar
+    check, the click options (``psd_collage.options``) and ``--help`` all derive from these
+    fields, so adding a setting is this one edit.
+    """
+
+    model: str = setting(
+        DEFAULT_MODEL, "Hub id, local diffusers folder, single .safetensors, or 'tiny'."
+    )
+    prompt: str | None = setting(
+        None,
+        "Global prompt (overrides the 'prompt' text layer).",
+        default_text="the 'prompt' text layer, else the captions",
+    )
+    negative: str | None = setting(
+        None, "Negative prompt.", default_text="the 'negative' text layer"
+    )
+    prompt_suffix: str = setting("", "Appended to the global prompt.", option=False)
+    variants: int = setting(4, "How many variants (seeds).", range=(1, 64))
+    seed: int | None = setting(
+        None,
+        "First seed; variants use seed, seed+1, ...",
+        range=(0, 2**63 - 1),
+        default_text="random",
+    )
+    steps: int = setting(50, "Sampling steps (paper: 50).", range=(1, 1000))
+    guidance: float = setting(7.0, "Classifier-free guidance (paper: 7).", range=(0, 50))
+    scheduler: str = setting("euler_ancestral", "Sampler.", choices=tuple(SCHEDULERS))
+    resolution: int | None = setting(
+        None,
+        "Working pixel budget: the picture is sampled at about PIXELS x PIXELS pixels in "
+        "all, keeping the document's aspect (each side rounded to 64). A multiple of 64.",
+        range=(64, 4096),
+        multiple_of=RESOLUTION_STEP,
+        unit="PIXELS",
+        default_text="the model's native size: 512 for SD 1.5, 1024 for SDXL",
+    )
+    noise: float = setting(
+        0.6, "Noise for layers without a noise tag (0 keeps, 1 repaints).", range=(0, 1)
+    )
+    ti: bool = setting(False, "Textual inversion for every captioned layer.")
+    ti_steps: int = setting(250, "Textual inversion steps per layer.", range=(1, 100_000))
+    ti_lr: float = setting(4e-4, "Textual inversion learning rate.", option=False)
+    ti_batch: int = setting(4, "Textual inversion batch size.", range=(1, 64), option=False)
+    export_ti: bool = setting(
+        False, "Write the learned tokens to NAME.harmonized.embeddings/.", option=False
+    )
+    device: str | None = setting(
+        None, "cuda, cuda:1, mps or cpu.", default_text="the best available"
+    )
+    dtype: str | None = setting(
+        None,
+        "Number format of the weights.",
+        choices=DTYPES,
+        default_text="float16 on CUDA, else float32",
+    )
+    attention_slicing: bool = setting(False, "Less GPU memory, slower.")
+    vae_tiling: bool = setting(False, "Decode large images in tiles.")
+    cpu_offload: bool = setting(False, "Keep idle models in RAM (6-8 GB GPUs).")
+    allow_pickle: bool = setting(False, "Allow .ckpt/.bin checkpoints (runs code in them!).")
+    max_pixels: int = setting(
+        120_000_000, "Refuse documents larger than this.", range=(1, 10**10), unit="PIXELS"
+    )
+    min_area: float = setting(
+        0.01,
+        "Layers covering less of the canvas than this fraction are not steered.",
+        range=(0, 1),
+        option=False,
+    )
+    preview: bool = setting(False, "Also write NAME.preview.png.", option=False)
     layers: Mapping[str, LayerOptions] = field(default_factory=dict)
 
     def updated(self, values: Mapping[str, Any], *, where: str = "settings") -> Settings:
@@ -184,99 +297,127 @@ class Settings:
         out["layers"] = {name: opts.as_dict() for name, opts in self.layers.items()}
         return out
 
-
-_SETTING_TYPES: dict[str, tuple[type, ...]] = {
-    "model": (str,),
-    "prompt": (str,),
-    "negative": (str,),
-    "prompt_suffix": (str,),
-    "variants": (int,),
-    "seed": (int,),
-    "steps": (int,),
-    "guidance": (int, float),
-    "scheduler": (str,),
-    "resolution": (int,),
-    "noise": (int, float),
-    "ti": (bool,),
-    "ti_steps": (int,),
-    "ti_lr": (int, float),
-    "ti_batch": (int,),
-    "export_ti": (bool,),
-    "device": (str,),
-    "dtype": (str,),
-    "attention_slicing": (bool,),
-    "vae_tiling": (bool,),
-    "cpu_offload": (bool,),
-    "allow_pickle": (bool,),
-    "max_pixels": (int,),
-    "min_area": (int, float),
-    "preview": (bool,),
-}
-SETTING_KEYS = frozenset(_SETTING_TYPES) | {"layers"}
-
-_RANGES: dict[str, tuple[float, float]] = {
-    "variants": (1, 64),
-    "steps": (1, 1000),
-    "guidance": (0, 50),
-    "noise": (0, 1),
-    "resolution": (64, 4096),
-    "ti_steps": (1, 100_000),
-    "ti_batch": (1, 64),
-    "max_pixels": (1, 10**10),
-    "min_area": (0, 1),
-    "seed": (0, 2**63 - 1),
-}
+    def engine_options(self) -> EngineOptions:
+        """The part of these settings that loading a model depends on."""
+        return EngineOptions(**{f.name: getattr(self, f.name) for f in fields(EngineOptions)})
 
 
-def validate_settings(values: Mapping[str, Any], *, where: str) -> dict[str, Any]:
-    """Check keys, types and ranges; returns a dict ready for ``dataclasses.replace``."""
+@dataclass(frozen=True)
+class Setting:
+    """One registry entry, as the validation and the CLI use it."""
+
+    name: str
+    type: type  # int, float, str or bool
+    optional: bool  # None is a valid value (and usually the default)
+    default: Any
+    spec: SettingSpec
+
+    @property
+    def accepted(self) -> tuple[type, ...]:
+        """Python types a sidecar value may have (an int is a fine float)."""
+        return (int, float) if self.type is float else (self.type,)
+
+    def check(self, value: Any, *, where: str) -> Any:
+        """The value, checked and normalised; a :class:`SettingsError` naming ``where``."""
+        key, spec = self.name, self.spec
+        if not isinstance(value, self.accepted) or (
+            isinstance(value, bool) and self.type is not bool
+        ):
+            wanted = " or ".join(t.__name__ for t in self.accepted)
+            raise SettingsError(f"{where}: setting {key!r} must be a {wanted}, not {value!r}")
+        if spec.range is not None:
+            low, high = spec.range
+            if not low <= value <= high:
+                raise SettingsError(
+                    f"{where}: setting {key}={value!r} is out of range ({low:g}..{high:g})"
+                )
+        if spec.choices is not None and value not in spec.choices:
+            raise SettingsError(
+                f"{where}: unknown {key} {value!r} (known: {', '.join(spec.choices)})"
+            )
+        if spec.multiple_of and value % spec.multiple_of:
+            raise SettingsError(f"{where}: {key} {value} must be a multiple of {spec.multiple_of}")
+        return float(value) if self.type is float else value
+
+
+def _registry() -> dict[str, Setting]:
+    hints = typing.get_type_hints(Settings)
+    registry = {}
+    for f in fields(Settings):
+        if "spec" not in f.metadata:
+            continue  # "layers": the per-layer tables, checked by LayerOptions
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if args else hint
+        registry[f.name] = Setting(f.name, base, bool(args), f.default, f.metadata["spec"])
+    return registry
+
+
+#: Setting name -> :class:`Setting`, in declaration order (derived from :class:`Settings`).
+SETTINGS: dict[str, Setting] = _registry()
+SETTING_KEYS = frozenset(SETTINGS) | {"layers"}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What loading a model depends on: one declaration for the render's warm-engine key,
+    :func:`psd_collage.engine.load_engine` and ``Engine``. Defaults are the settings'."""
+
+    model: str = SETTINGS["model"].default
+    device: str | None = SETTINGS["device"].default
+    dtype: str | None = SETTINGS["dtype"].default
+    scheduler: str = SETTINGS["scheduler"].default
+    allow_pickle: bool = SETTINGS["allow_pickle"].default
+    attention_slicing: bool = SETTINGS["attention_slicing"].default
+    vae_tiling: bool = SETTINGS["vae_tiling"].default
+    cpu_offload: bool = SETTINGS["cpu_offload"].default
+
+
+def validate_settings(
+    values: Mapping[str, Any], *, where: str, designer: bool = False
+) -> dict[str, Any]:
+    """Check keys, types and ranges; returns a dict ready for ``dataclasses.replace``.
+
+    ``designer``: the values come from a designer's sidecar, which may not set the
+    operator-only settings (``SettingSpec.sidecar`` False).
+    """
     clean: dict[str, Any] = {}
     for key, value in values.items():
         key = key.replace("-", "_")
         if key not in SETTING_KEYS:
             hint = _did_you_mean(key, SETTING_KEYS)
             raise SettingsError(f"{where}: unknown setting {key!r}{hint}")
+        if designer and key in SETTINGS and not SETTINGS[key].spec.sidecar:
+            raise SettingsError(
+                f"{where}: setting {key!r} is operator-only: set it on the command line or in "
+                "the folder defaults, not in a file's sidecar"
+            )
         if value is None:
             continue
         if key == "layers":
-            if not isinstance(value, Mapping):
-                raise SettingsError(f'{where}: "layers" must be tables like [layers."red car"]')
-            layers = {}
-            for name, table in value.items():
-                if isinstance(table, LayerOptions):
-                    layers[name] = table
-                    continue
-                if not isinstance(table, Mapping):
-                    raise SettingsError(f'{where}: [layers."{name}"] must be a table of tags')
-                layers[name] = layer_options_from_mapping(table, layer=name, where=where)
-            clean["layers"] = layers
+            clean["layers"] = _layer_tables(value, where=where)
             continue
-        types = _SETTING_TYPES[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            wanted = " or ".join(t.__name__ for t in types)
-            raise SettingsError(f"{where}: setting {key!r} must be a {wanted}, not {value!r}")
-        if key in _RANGES:
-            low, high = _RANGES[key]
-            if not low <= value <= high:
-                raise SettingsError(
-                    f"{where}: setting {key}={value!r} is out of range ({low:g}..{high:g})"
-                )
-        if key == "scheduler" and value not in SCHEDULERS:
-            raise SettingsError(
-                f"{where}: unknown scheduler {value!r} (known: {', '.join(SCHEDULERS)})"
-            )
-        if key == "resolution" and value % 64:
-            raise SettingsError(f"{where}: resolution {value} must be a multiple of 64")
-        clean[key] = float(value) if float in types and not isinstance(value, bool) else value
+        clean[key] = SETTINGS[key].check(value, where=where)
     return clean
 
 
-#: Scheduler names accepted by ``--scheduler`` (mapped to diffusers classes by the engine).
-SCHEDULERS = ("euler_ancestral", "euler", "ddim", "dpm++", "pndm", "lms")
+def _layer_tables(value: Any, *, where: str) -> dict[str, LayerOptions]:
+    if not isinstance(value, Mapping):
+        raise SettingsError(f'{where}: "layers" must be tables like [layers."red car"]')
+    layers = {}
+    for name, table in value.items():
+        if isinstance(table, LayerOptions):
+            layers[name] = table
+            continue
+        if not isinstance(table, Mapping):
+            raise SettingsError(f'{where}: [layers."{name}"] must be a table of tags')
+        layers[name] = layer_options_from_mapping(table, layer=name, where=where)
+    return layers
 
 
-def read_sidecar(path: str | Path) -> dict[str, Any]:
-    """Read and validate a TOML sidecar (``NAME.psd.toml`` or ``collage.toml``)."""
+def read_sidecar(path: str | Path, *, designer: bool = True) -> dict[str, Any]:
+    """Read and validate a TOML sidecar: a designer's ``NAME.psd.toml``, or with
+    ``designer=False`` the operator's folder defaults (``collage.toml``)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -290,7 +431,7 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
         ) from None
     except OSError as exc:
         raise SettingsError(f"cannot read sidecar: {exc.strerror}", path=path) from None
-    return validate_settings(data, where=str(path))
+    return validate_settings(data, where=str(path), designer=designer)
 
 
 def sidecar_path(psd_path: str | Path) -> Path:

@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from psd_collage.cli import render_options, settings_from_options
 from psd_collage.errors import CollageError
+from psd_collage.options import render_options, settings_from_options
 
 from .service import WatchOptions, WatchService
 

@@ -91,7 +91,7 @@ class WatchService:
         cli = validate_settings(
             {k: v for k, v in (settings or {}).items() if v is not None}, where="command line"
         )
-        self.defaults = {**read_sidecar(self.layout.defaults_file), **cli}
+        self.defaults = {**read_sidecar(self.layout.defaults_file, designer=False), **cli}
         self.defaults.setdefault("preview", True)
         if renderer_factory is None:
             from psd_collage.render import Renderer

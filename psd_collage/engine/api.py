@@ -5,16 +5,19 @@ Diffusion only: nothing here knows about Photoshop files.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import SettingsError
+from ..settings import EngineOptions
 from .attention import AttentionRecorder, SteeringState, install_processors
 from .models import (
     ModelComponents,
@@ -33,6 +36,9 @@ from .sampler import (
     strength_to_latents,
 )
 from .tokens import PromptEmbeddings, Span, encode_prompt, locate_captions
+
+#: Seeds denoised together in one UNet batch (more is faster on a big GPU, costs memory).
+DEFAULT_MAX_BATCH = 4
 
 
 @dataclass
@@ -77,35 +83,37 @@ class Engine:
     def __init__(
         self,
         components: ModelComponents,
+        options: EngineOptions | None = None,
         *,
         device: torch.device,
         dtype: torch.dtype,
-        scheduler: str = "euler_ancestral",
-        attention_slicing: bool = False,
-        vae_tiling: bool = False,
-        cpu_offload: bool = False,
-        max_batch: int = 4,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
+        """``device`` and ``dtype`` are the resolved forms of ``options.device``/``dtype``."""
+        options = options or EngineOptions(model=components.name)
+        self.options = options
         self.components = components
         self.model_name = components.name
         self.kind = components.kind
         self.native_resolution = components.native_resolution
         self.device = device
         self.dtype = dtype
-        self.scheduler_name = scheduler
-        self.cpu_offload = cpu_offload
+        self.scheduler_name = options.scheduler
+        self.cpu_offload = options.cpu_offload
         self.max_batch = max(1, max_batch)
-        components.scheduler = make_scheduler(scheduler, components.scheduler.config)
+        components.scheduler = make_scheduler(options.scheduler, components.scheduler.config)
         self.steering = SteeringState()
-        install_processors(components.unet, self.steering, attention_slicing=attention_slicing)
+        install_processors(
+            components.unet, self.steering, attention_slicing=options.attention_slicing
+        )
         vae = components.vae
         # SDXL's VAE overflows in fp16 (its config says force_upcast): keep it in fp32.
         upcast = dtype == torch.float16 and self.kind == "sdxl" and vae.config.get("force_upcast")
         self.vae_dtype = torch.float32 if upcast else dtype
-        if vae_tiling:
+        if options.vae_tiling:
             vae.enable_tiling()
             vae.enable_slicing()
-        home = torch.device("cpu") if cpu_offload else device
+        home = torch.device("cpu") if options.cpu_offload else device
         for name, module in components.modules():
             target = self.vae_dtype if name == "vae" else dtype
             if module.dtype != target:  # casting an unchanged model makes diffusers warn
@@ -344,29 +352,21 @@ def _validate(request: GenerationRequest) -> None:
         raise ValueError("steps must be at least 1")
 
 
-def load_engine(
-    model: str,
-    *,
-    device: str | None = None,
-    dtype: str | None = None,
-    scheduler: str = "euler_ancestral",
-    allow_pickle: bool = False,
-    attention_slicing: bool = False,
-    vae_tiling: bool = False,
-    cpu_offload: bool = False,
-) -> Engine:
-    """Load ``model`` (``tiny``, ``tiny-sdxl``, a diffusers folder, a .safetensors file or a
-    hub id) onto the best device (CUDA fp16, MPS fp32, CPU fp32) unless told otherwise."""
-    resolved_device = resolve_device(device)
-    resolved_dtype = resolve_dtype(dtype, resolved_device)
-    check_scheduler(scheduler)  # an unknown name fails before a long load
-    components = load_components(model, dtype=resolved_dtype, allow_pickle=allow_pickle)
-    return Engine(
-        components,
-        device=resolved_device,
-        dtype=resolved_dtype,
-        scheduler=scheduler,
-        attention_slicing=attention_slicing,
-        vae_tiling=vae_tiling,
-        cpu_offload=cpu_offload,
+def load_engine(model: str | EngineOptions, **changes: Any) -> Engine:
+    """Load a model (``tiny``, ``tiny-sdxl``, a diffusers folder, a .safetensors file or a
+    hub id) onto the best device (CUDA fp16, MPS fp32, CPU fp32) unless told otherwise.
+
+    ``load_engine(options)`` or ``load_engine("tiny", device="cpu", ...)``: the keywords
+    are :class:`~psd_collage.settings.EngineOptions` fields.
+    """
+    if isinstance(model, EngineOptions):
+        options = dataclasses.replace(model, **changes)
+    else:
+        options = EngineOptions(model=model, **changes)
+    resolved_device = resolve_device(options.device)
+    resolved_dtype = resolve_dtype(options.dtype, resolved_device)
+    check_scheduler(options.scheduler)  # an unknown name fails before a long load
+    components = load_components(
+        options.model, dtype=resolved_dtype, allow_pickle=options.allow_pickle
     )
+    return Engine(components, options, device=resolved_device, dtype=resolved_dtype)

@@ -25,11 +25,7 @@ import diffusers
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -47,19 +43,16 @@ from transformers import (
 )
 
 from ..errors import ModelError, SettingsError
+from ..settings import SCHEDULERS
 from .tiny_vocab import build_tiny_tokenizer
 
 TINY_MODELS = {"tiny": "sd1", "tiny-sdxl": "sdxl"}
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth"}
 
-#: ``--scheduler`` names -> (diffusers class, config overrides).
+#: ``--scheduler`` names -> (diffusers class, config overrides), from the one list in settings.
 SCHEDULER_CLASSES: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
-    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
-    "lms": (LMSDiscreteScheduler, {}),
+    name: (getattr(diffusers, spec.diffusers_class), dict(spec.config))
+    for name, spec in SCHEDULERS.items()
 }
 
 #: Stable Diffusion's training noise schedule (the tiny models use it too).

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from watcher.cli import watch
+from watcher.cli import status, watch, worker
 
 from .errors import CollageError
 from .options import guarded, render_options, settings_from_options
@@ -197,6 +197,8 @@ class _ProgressBar:
 # ---------------------------------------------------------------------------
 
 main.add_command(watch)
+main.add_command(worker)
+main.add_command(status)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ add a setting there, not here.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -22,7 +23,7 @@ import click
 from click.core import ParameterSource
 
 from .errors import CollageError
-from .settings import SETTING_KEYS, SETTINGS, Setting
+from .settings import POLICY_SETTINGS, SETTING_KEYS, SETTINGS, Setting
 
 
 def guarded(func: Callable) -> Callable:
@@ -60,6 +61,25 @@ def render_options(func: Callable) -> Callable:
     return func
 
 
+def policy_options(func: Callable) -> Callable:
+    """The operator's limits (:data:`psd_collage.settings.POLICY_SETTINGS`) as options.
+
+    They tighten ``[policy]`` in ``ROOT/collage.toml``; ``--max-pixels`` (a render
+    option) is a limit too. Shown without defaults: unset, the folder's policy holds.
+    """
+    for entry in reversed(POLICY_SETTINGS.values()):
+        shown = entry.spec.default_text or f"{entry.default:g} or [policy]"
+        spec = dataclasses.replace(entry.spec, default_text=shown)
+        func = setting_option(dataclasses.replace(entry, default=None, spec=spec))(func)
+    return func
+
+
+def policy_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The limits the operator gave on the command line (``max_pixels`` included)."""
+    keys = {*POLICY_SETTINGS, "max_pixels"}
+    return {k: v for k, v in options.items() if k in keys and v not in (None, ())}
+
+
 def setting_option(entry: Setting) -> Callable:
     """The click option of one setting: its type, range or choices, units, default and rules."""
     spec = entry.spec
@@ -71,6 +91,10 @@ def setting_option(entry: Setting) -> Callable:
         kwargs.update(default=entry.default, show_default=True)
     if entry.type is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", entry.name, **kwargs)
+    if spec.multiple:
+        kwargs.update(multiple=True, type=entry.type)
+        kwargs.pop("default", None)
+        return click.option(flag, entry.name, **kwargs)
     if spec.choices is not None:
         kwargs["type"] = click.Choice(spec.choices)
     elif spec.range is not None and entry.type in (int, float):

@@ -23,6 +23,7 @@ from . import masks
 from .atomic import atomic_write
 from .collage import Collage, CollageLayer, to_u8
 from .errors import CollageError
+from .policy import Policy
 from .settings import Settings, read_sidecar, sidecar_path, validate_settings
 
 #: progress(phase, done, total); phases: "load", "ti", "sample", "write".
@@ -74,18 +75,23 @@ class Renderer:
         self,
         defaults: Mapping[str, Any] | None = None,
         overrides: Mapping[str, Any] | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self._defaults = validate_settings(defaults or {}, where="folder defaults")
         self._overrides = validate_settings(overrides or {}, where="command line")
+        self.policy = policy  # the operator's limits (hot folder, farm); None: none
         self._engine = None
 
     def settings_for(self, path: Path, sidecar: Path | None = None) -> Settings:
-        """Built-in < folder defaults < the file's sidecar < command line."""
+        """Built-in < folder defaults < the file's sidecar < command line, within the policy."""
         sidecar = sidecar if sidecar is not None else sidecar_path(path)
         settings = Settings().updated(self._defaults, where="folder defaults")
         if sidecar.exists():
             settings = settings.updated(read_sidecar(sidecar), where=str(sidecar))
-        return settings.updated(self._overrides, where="command line")
+        settings = settings.updated(self._overrides, where="command line")
+        if self.policy is not None:
+            self.policy.check_settings(settings, path=path)
+        return settings
 
     def engine_for(self, settings: Settings):
         """The engine for these settings, reused while the model options stay the same."""
@@ -109,7 +115,7 @@ class Renderer:
         cancel: Callable[[], bool] | None = None,
     ) -> RenderResult:
         """Render one file. The input is never modified unless ``in_place``."""
-        from .psd.reader import read_collage
+        from .psd.reader import document_size, read_collage
         from .psd.writer import write_variants
 
         path = Path(path)
@@ -127,12 +133,16 @@ class Renderer:
             settings = self.settings_for(path, sidecar)
             if preview is not None:
                 settings = settings.updated({"preview": preview})
+            if self.policy is not None:
+                self.policy.check_canvas(document_size(path), settings.max_pixels, path=path)
             collage = read_collage(path, settings)
 
         with _timed(timings, "load"):
             notify("load", 0, 1)
             engine = self.engine_for(settings)
             notify("load", 1, 1)
+        if self.policy is not None and settings.resolution is None:
+            self.policy.check_working_resolution(engine.native_resolution, path=path)
 
         plan = plan_render(
             collage, settings, engine.working_size(collage.document.size, settings.resolution)

@@ -198,6 +198,7 @@ class SettingSpec:
     choices: tuple[str, ...] | None = None
     multiple_of: int | None = None
     unit: str | None = None  # shown as the option's value name in --help, e.g. PIXELS
+    multiple: bool = False  # a list of values (a repeated option, a TOML array)
     default_text: str | None = None  # what the default means, where it is None
     option: bool = True  # False: no command-line option (the command sets it, or sidecars do)
     sidecar: bool = True  # False: operator-only; a designer's NAME.psd.toml may not set it
@@ -260,20 +261,27 @@ class Settings:
         False, "Write the learned tokens to NAME.harmonized.embeddings/.", option=False
     )
     device: str | None = setting(
-        None, "cuda, cuda:1, mps or cpu.", default_text="the best available"
+        None, "cuda, cuda:1, mps or cpu.", default_text="the best available", sidecar=False
     )
     dtype: str | None = setting(
         None,
         "Number format of the weights.",
         choices=DTYPES,
         default_text="float16 on CUDA, else float32",
+        sidecar=False,
     )
     attention_slicing: bool = setting(False, "Less GPU memory, slower.")
     vae_tiling: bool = setting(False, "Decode large images in tiles.")
-    cpu_offload: bool = setting(False, "Keep idle models in RAM (6-8 GB GPUs).")
-    allow_pickle: bool = setting(False, "Allow .ckpt/.bin checkpoints (runs code in them!).")
+    cpu_offload: bool = setting(False, "Keep idle models in RAM (6-8 GB GPUs).", sidecar=False)
+    allow_pickle: bool = setting(
+        False, "Allow .ckpt/.bin checkpoints (runs code in them!).", sidecar=False
+    )
     max_pixels: int = setting(
-        120_000_000, "Refuse documents larger than this.", range=(1, 10**10), unit="PIXELS"
+        120_000_000,
+        "Refuse documents larger than this.",
+        range=(1, 10**10),
+        unit="PIXELS",
+        sidecar=False,
     )
     min_area: float = setting(
         0.01,
@@ -320,6 +328,12 @@ class Setting:
     def check(self, value: Any, *, where: str) -> Any:
         """The value, checked and normalised; a :class:`SettingsError` naming ``where``."""
         key, spec = self.name, self.spec
+        if spec.multiple:
+            items = [value] if isinstance(value, self.type) else value
+            if not isinstance(items, list | tuple):
+                raise SettingsError(f"{where}: setting {key!r} must be a list, not {value!r}")
+            single = dataclasses.replace(self, spec=dataclasses.replace(spec, multiple=False))
+            return tuple(single.check(item, where=where) for item in items)
         if not isinstance(value, self.accepted) or (
             isinstance(value, bool) and self.type is not bool
         ):
@@ -340,21 +354,68 @@ class Setting:
         return float(value) if self.type is float else value
 
 
-def _registry() -> dict[str, Setting]:
-    hints = typing.get_type_hints(Settings)
+def _registry(cls: type) -> dict[str, Setting]:
+    hints = typing.get_type_hints(cls)
     registry = {}
-    for f in fields(Settings):
+    for f in fields(cls):
         if "spec" not in f.metadata:
             continue  # "layers": the per-layer tables, checked by LayerOptions
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         base = args[0] if args else hint
+        if typing.get_origin(base) is tuple:  # tuple[str, ...]: a list of str
+            base = typing.get_args(base)[0]
         registry[f.name] = Setting(f.name, base, bool(args), f.default, f.metadata["spec"])
     return registry
 
 
 #: Setting name -> :class:`Setting`, in declaration order (derived from :class:`Settings`).
-SETTINGS: dict[str, Setting] = _registry()
+SETTINGS: dict[str, Setting] = _registry(Settings)
+
+
+@dataclass(frozen=True)
+class PolicyLimits:
+    """The operator's limits: ``[policy]`` in ``ROOT/collage.toml`` or options of ``watch``
+    and ``worker``; ``None`` is no limit. Enforced by :mod:`psd_collage.policy`.
+
+    THE POLICY REGISTRY, like :class:`Settings`: each limit is declared here once and its
+    option, its ``[policy]`` check and ``--help`` derive from it. None of them can come
+    from a designer's sidecar. The document size limit is the ``max_pixels`` setting
+    (operator-only); ``[policy]`` may set it too.
+    """
+
+    max_steps: int | None = setting(
+        150, "Refuse files that ask for more sampling steps.", range=(1, 1000), sidecar=False
+    )
+    max_variants: int | None = setting(
+        16, "Refuse files that ask for more variants.", range=(1, 64), sidecar=False
+    )
+    max_resolution: int | None = setting(
+        2048,
+        "Refuse files whose working resolution (--resolution, else the model's) is larger.",
+        range=(64, 4096),
+        unit="PIXELS",
+        sidecar=False,
+    )
+    models: tuple[str, ...] | None = setting(
+        None,
+        "Only these models (repeat the option; a list in [policy]).",
+        multiple=True,
+        unit="MODEL",
+        default_text="any",
+        sidecar=False,
+    )
+    job_timeout: float | None = setting(
+        600.0,
+        "End a render that runs longer, as failed.",
+        range=(1, 7 * 24 * 3600),
+        unit="SECONDS",
+        sidecar=False,
+    )
+
+
+#: Limit name -> :class:`Setting` (derived from :class:`PolicyLimits`).
+POLICY_SETTINGS: dict[str, Setting] = _registry(PolicyLimits)
 SETTING_KEYS = frozenset(SETTINGS) | {"layers"}
 
 
@@ -419,6 +480,12 @@ def read_sidecar(path: str | Path, *, designer: bool = True) -> dict[str, Any]:
     """Read and validate a TOML sidecar: a designer's ``NAME.psd.toml``, or with
     ``designer=False`` the operator's folder defaults (``collage.toml``)."""
     path = Path(path)
+    return validate_settings(read_toml(path), where=str(path), designer=designer)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file's tables, unchecked; ``{}`` when it does not exist. Bad TOML: one error."""
+    path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -431,7 +498,7 @@ def read_sidecar(path: str | Path, *, designer: bool = True) -> dict[str, Any]:
         ) from None
     except OSError as exc:
         raise SettingsError(f"cannot read sidecar: {exc.strerror}", path=path) from None
-    return validate_settings(data, where=str(path), designer=designer)
+    return data
 
 
 def sidecar_path(psd_path: str | Path) -> Path:

@@ -1,7 +1,8 @@
-"""The hot folder service behind ``psd-collage watch ROOT``.
+"""The hot folder service behind ``psd-collage watch ROOT [--broker URL]``.
 
 One process, one warm :class:`~psd_collage.render.Renderer`, one job at a
-time. Filesystem events (watchdog) only wake the loop up; what is ready is
+time; with a broker, the renders happen on farm workers instead (see
+:mod:`watcher.dispatch`) and this process claims, queues and moves. Filesystem events (watchdog) only wake the loop up; what is ready is
 decided by scanning the inbox (see :mod:`watcher.stability`), and a periodic
 rescan of inbox/ and work/ catches whatever events were missed, including jobs
 left behind by a watcher that died. Claims are atomic renames and job folders
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import sys
 import threading
@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from psd_collage.errors import Cancelled, CollageError, ModelError, SettingsError
-from psd_collage.settings import read_sidecar, validate_settings
+from psd_collage.errors import CollageError, SettingsError
+from psd_collage.policy import folder_policy, read_folder_config
+from psd_collage.settings import validate_settings
 
+from .execute import clean_report, render_outcome
 from .jobs import MAX_ATTEMPTS, ClaimError, Job, claim, failure_report, open_job, pending_jobs
 from .layout import Layout
 from .stability import Candidate, StabilityTracker
@@ -57,6 +59,8 @@ class WatchOptions:
     grace: float | None = (
         None  # unchanged but unreadable this long -> failed; None: max(stable, 10)
     )
+    broker: str | None = None  # Redis URL: farm workers render (see watcher.dispatch)
+    resync: float = 5.0  # farm: how often to check that Redis knows every job in flight
 
     @property
     def unreadable_grace(self) -> float:
@@ -67,7 +71,8 @@ class WatchService:
     """Watches ``ROOT/inbox`` and renders each stable PSD/PSB into ``ROOT/done``.
 
     ``settings`` are the watch command's render options: folder-level defaults that
-    win over ``ROOT/collage.toml`` and lose to a file's own sidecar.
+    win over ``ROOT/collage.toml`` and lose to a file's own sidecar. ``policy`` are
+    the operator's limits given as options, tightening ``[policy]`` in collage.toml.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class WatchService:
         settings: Mapping[str, Any] | None = None,
         options: WatchOptions | None = None,
         *,
+        policy: Mapping[str, Any] | None = None,
         renderer_factory: Callable[[dict[str, Any]], RendererLike] | None = None,
         header_check: Callable[[Path], object] | None = None,
     ) -> None:
@@ -91,27 +97,43 @@ class WatchService:
         cli = validate_settings(
             {k: v for k, v in (settings or {}).items() if v is not None}, where="command line"
         )
-        self.defaults = {**read_sidecar(self.layout.defaults_file, designer=False), **cli}
+        folder_defaults, _ = read_folder_config(self.layout.defaults_file)
+        self.defaults = {**folder_defaults, **cli}
         self.defaults.setdefault("preview", True)
+        self.policy = folder_policy(self.layout.defaults_file, policy)
         if renderer_factory is None:
             from psd_collage.render import Renderer
 
-            renderer_factory = lambda defaults: Renderer(defaults=defaults)  # noqa: E731
+            def renderer_factory(defaults: dict[str, Any]) -> RendererLike:
+                return Renderer(defaults=defaults, policy=self.policy)
+
         if header_check is None:
             from psd_collage.psd.reader import check_header as header_check
-        self.renderer = renderer_factory(dict(self.defaults))
+        self.farm = None
+        if opts.broker:
+            from .dispatch import FarmDispatcher
+
+            self.farm = FarmDispatcher(self.layout, opts.broker, resync=opts.resync)
+        self.renderer = None if self.farm else renderer_factory(dict(self.defaults))
         self.tracker = StabilityTracker(
             self.layout.inbox,
             self.options.stable,
             header_check,
             wall_clock=time.time,
             grace=self.options.unreadable_grace,
+            root=self.layout.root,
         )
         shown = {k: v for k, v in self.defaults.items() if k != "layers"}
-        self.board = StatusBoard(
-            self.layout.status_file,
-            settings={**shown, "stable": self.options.stable, "poll": self.options.poll},
-        )
+        shown.update(stable=self.options.stable, poll=self.options.poll)
+        shown["policy"] = self.policy.as_dict()
+        if self.farm:
+            from .dispatch import FarmBoard
+
+            self.board: StatusBoard = FarmBoard(
+                self.layout.status_file, self.farm, settings={"policy": shown["policy"]}
+            )
+        else:
+            self.board = StatusBoard(self.layout.status_file, settings=shown)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._last_inbox_scan = float("-inf")
@@ -139,11 +161,11 @@ class WatchService:
         try:
             observer = self._start_observer()
             log.info(
-                "watching %s (stable %.1f s, %s, model %s)%s",
+                "watching %s (stable %.1f s, %s, %s)%s",
                 self.layout.inbox,
                 self.options.stable,
                 f"polling every {self.options.poll:g} s" if self.options.poll else "native events",
-                self.defaults.get("model", "default"),
+                self._who_renders(),
                 ", once" if self.options.once else "",
             )
             self.board.state = "idle"
@@ -160,19 +182,31 @@ class WatchService:
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
+            if self.farm:
+                self.farm.close()
             self.board.state = "stopped"
             self.board.running = None
             self.board.write(force=True)
+            self.board.close()
             log.info("stopped")
             self._restore_signals()
             for handler in handlers:
                 log.removeHandler(handler)
                 handler.close()
 
+    def _who_renders(self) -> str:
+        if self.farm:
+            from .dispatch import shown_url
+
+            return f"farm workers via {shown_url(self.farm.url)}"
+        return f"model {self.defaults.get('model', 'default')}"
+
     # -- the loop ---------------------------------------------------------------
     def _step(self) -> bool:
-        """Scan if due, then run at most one job. True when a job ran."""
+        """Scan if due, then run (or queue) at most one job. True when something happened."""
         now = time.monotonic()
+        if self.farm and self._collect():
+            return True
         if (
             self._wake.is_set()
             or self.tracker.candidates
@@ -183,6 +217,9 @@ class WatchService:
             self._last_inbox_scan = now
             for name in self.tracker.newly_ignored:
                 log.info("ignoring %s: not a .psd or .psb file", name)
+            for name, why in self.tracker.newly_refused:
+                log.warning("leaving %s alone in inbox/: %s", name, why)
+            self.tracker.newly_refused.clear()
             for cand in self.tracker.newly_seen:
                 log.info("found %s (%d bytes)", cand.name, cand.signature[0][0])
             self.tracker.newly_ignored.clear()
@@ -196,6 +233,8 @@ class WatchService:
                 self.options.unreadable_grace,
             )
         self.tracker.newly_failing.clear()
+        if self.farm and self.farm.down:
+            ready = []  # files are safest in the inbox until Redis is back
         ready = [c for c in ready if self._unclaimable.get(c.name) != c.signature]
         rejected = [c for c in rejected if self._unclaimable.get(c.name) != c.signature]
         self._show_queue(ready)
@@ -217,7 +256,20 @@ class WatchService:
                 return True
         return False
 
+    def _collect(self) -> bool:
+        """Farm: queue what Redis does not know, finish what the workers finished."""
+        self.farm.sync(time.monotonic())
+        finished = self.farm.collect()
+        for job in finished:
+            try:
+                self._finish(job)
+            finally:
+                job.release()
+        return bool(finished)
+
     def _nothing_left(self) -> bool:
+        if self.farm and self.farm.inflight:
+            return False
         return not self._work_found and all(
             self._unclaimable.get(c.name) == c.signature for c in self.tracker.candidates.values()
         )
@@ -234,6 +286,8 @@ class WatchService:
         if self.tracker.candidates:
             # Re-stat changing files at least a few times per window, even without events.
             waits.append(max(self.options.stable / 4, 0.05))
+        if self.farm and self.farm.inflight:
+            waits.append(0.2)  # look for the workers' results
         self._wake.wait(timeout=min(max(0.02, w) for w in waits))
 
     def _show_queue(self, ready: list[Candidate]) -> None:
@@ -291,15 +345,22 @@ class WatchService:
         return False
 
     def _run_job(self, job: Job, header_error: CollageError | None) -> None:
+        keep = False
         try:
-            if job.stage == "claimed":
+            if job.stage in ("claimed", "queued"):
                 if header_error is not None:
                     job.mark_failed(self._report(job, header_error, internal=False))
+                elif self.farm:
+                    self.farm.submit(job)  # locked by us until its result is in
+                    self.farm.sync(time.monotonic())
+                    keep = True
+                    return
                 elif not self._render(job):
                     return  # interrupted: stays in work/ for the next start
             self._finish(job)
         finally:
-            job.release()
+            if not keep:
+                job.release()
 
     def _render(self, job: Job) -> bool:
         """Render and record the outcome. False when cancelled (the job is requeued)."""
@@ -318,6 +379,7 @@ class WatchService:
             {
                 "job": job.id,
                 "name": job.name,
+                "worker": f"{self.board.host}:{self.board.pid}",
                 "attempt": attempt,
                 "started": iso(started),
                 "started_ts": started,
@@ -335,51 +397,42 @@ class WatchService:
                 log.info("%s: %s", job.name, phase)
             self.board.job_progress(phase, done, total)
 
-        try:
-            output = job.prepare_output()
-            result = self.renderer.render_file(
-                job.input,
-                output,
-                sidecar=job.sidecar,
-                preview=None,
-                progress=progress,
-                cancel=self._stop.is_set,
-            )
-        except Cancelled:
+        outcome = render_outcome(
+            self.renderer,
+            name=job.name,
+            job_id=job.id,
+            input=job.input,
+            output=job.prepare_output(),
+            sidecar=job.sidecar,
+            progress=progress,
+            stop=self._stop.is_set,
+            deadline=self.policy.deadline(),
+            root=self.layout.root,
+            hide=(job.folder, self.layout.inbox),
+        )
+        if outcome.kind == "cancelled":
             job.requeue()
             log.info("interrupted %s: it stays in work/ and runs again at the next start", job.name)
             self.board.running = None
             return False
-        except ModelError as exc:
-            if "model" not in self._sidecar_settings(job):
-                # The folder's model is broken, not this file: keep the job, stop the service.
-                job.requeue()
-                self.board.running = None
-                self.board.message = str(exc)
-                log.error(
-                    "cannot load the model (%s): stopping; %s stays in work/ and runs at the "
-                    "next start",
-                    exc,
-                    job.name,
-                )
-                raise
-            job.mark_failed(self._report(job, exc, internal=False))
-        except CollageError as exc:
-            job.mark_failed(self._report(job, exc, internal=False))
-        except Exception as exc:
-            log.exception("internal error on %s", job.name)
-            job.mark_failed(self._report(job, exc, internal=True))
-        else:
-            job.mark_done(
-                Path(result.output),
-                Path(result.preview) if result.preview else None,
-                {
-                    "timings": {k: round(v, 3) for k, v in result.timings.items()},
-                    "variants": result.variants,
-                    "warnings": result.warnings,
-                    "model": result.settings.get("model"),
-                },
+        if outcome.kind == "model":
+            # The folder's model is broken, not this file: keep the job, stop the service.
+            job.requeue()
+            self.board.running = None
+            self.board.message = str(outcome.error)
+            log.error(
+                "cannot load the model (%s): stopping; %s stays in work/ and runs at the "
+                "next start",
+                outcome.error,
+                job.name,
             )
+            raise outcome.error
+        if outcome.kind == "done":
+            job.mark_done(outcome.output, outcome.preview, outcome.summary)
+        else:
+            if not isinstance(outcome.error, CollageError):
+                log.error("internal error on %s: %r", job.name, outcome.error)
+            job.mark_failed(outcome.report)
         return True
 
     def _finish(self, job: Job) -> None:
@@ -397,7 +450,8 @@ class WatchService:
             "outcome": state["stage"],
             **{k: str(p.relative_to(self.layout.root)) for k, p in placed.items()},
             "error": state.get("error"),
-            "attempt": state.get("attempts"),
+            "attempt": state.get("attempt") or state.get("attempts"),
+            "worker": state.get("worker"),
             "mtime": iso(state.get("mtime")),
             "ready_at": iso(state.get("ready_at")),
             "started": iso(state.get("started_at")),
@@ -405,7 +459,10 @@ class WatchService:
             **self._durations(state, finished),
             **(state.get("result") or {}),
         }
-        self.board.job_finished({k: v for k, v in entry.items() if v is not None})
+        entry = {k: v for k, v in entry.items() if v is not None}
+        self.board.job_finished(entry)
+        if self.farm:
+            self.farm.finished(entry)
         where = placed.get("done") or placed.get("failed")
         shown = where.relative_to(self.layout.root) if where else "?"
         if state["stage"] == "done":
@@ -424,16 +481,7 @@ class WatchService:
 
     def _report(self, job: Job, exc: BaseException, *, internal: bool) -> str:
         text = failure_report(job.name, exc, job_id=job.id, internal=internal)
-        # Messages name the file by its path in work/ or inbox/; the designer knows it by name.
-        for folder in (job.folder, self.layout.inbox):
-            text = text.replace(f"{folder}{os.sep}", "")
-        return text
-
-    def _sidecar_settings(self, job: Job) -> dict[str, Any]:
-        try:
-            return read_sidecar(job.sidecar) if job.sidecar else {}
-        except CollageError:
-            return {}
+        return clean_report(text, (job.folder, self.layout.inbox))
 
     # -- plumbing ----------------------------------------------------------------
     def _start_logging(self) -> list[logging.Handler]:

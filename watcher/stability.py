@@ -14,6 +14,7 @@ copy over Wi-Fi or VPN can stall for seconds in the middle of a file.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,13 @@ class Candidate:
 
 
 class StabilityTracker:
-    """Tracks the inbox's documents between scans; the service asks what is ready."""
+    """Tracks the inbox's documents between scans; the service asks what is ready.
+
+    Only regular files are candidates. A FIFO, a device or a folder named ``.psd``,
+    and a symbolic link that leads out of ``root``, are refused: reported once (in
+    ``newly_refused``) and left where they are; they are never opened, so a FIFO
+    cannot block the watcher and a link cannot bring a file from elsewhere in.
+    """
 
     def __init__(
         self,
@@ -51,8 +58,10 @@ class StabilityTracker:
         *,
         wall_clock: Callable[[], float],
         grace: float | None = None,
+        root: Path | None = None,
     ) -> None:
         self.inbox = inbox
+        self.root = (root or inbox).resolve()
         self.window = window
         self.grace = window if grace is None else grace
         self._check = header_check
@@ -60,6 +69,8 @@ class StabilityTracker:
         self.candidates: dict[str, Candidate] = {}
         self.ignored: set[str] = set()  # names logged once as "not a PSD/PSB"
         self.newly_ignored: list[str] = []
+        self.refused: dict[str, str] = {}  # name -> why it is left alone (logged once)
+        self.newly_refused: list[tuple[str, str]] = []
         self.newly_seen: list[Candidate] = []  # for the log: "found X"
         self.newly_failing: list[Candidate] = []  # for the log: "X does not read as a PSD yet"
 
@@ -77,7 +88,11 @@ class StabilityTracker:
                     self.newly_ignored.append(name)
                 continue
             try:
-                if not entry.is_file():
+                refusal = self._refusal(entry)
+                if refusal is not None:
+                    if self.refused.get(name) != refusal:
+                        self.refused[name] = refusal
+                        self.newly_refused.append((name, refusal))
                     continue
                 signature = (_sig(entry.stat()), _sidecar_sig(self.inbox / sidecar_name(name)))
             except FileNotFoundError:
@@ -98,6 +113,26 @@ class StabilityTracker:
             if name not in seen:
                 del self.candidates[name]
         self.ignored &= set(entries)  # a name that comes back is logged again
+        for name in set(self.refused) - set(entries):
+            del self.refused[name]
+
+    def _refusal(self, entry: os.DirEntry) -> str | None:
+        """Why this inbox entry is not a candidate (None: a regular file we may take)."""
+        if entry.is_symlink():
+            target = os.path.realpath(entry.path)
+            if not _inside(Path(target), self.root):
+                return "it is a link to a file outside the hot folder; copy the file itself in"
+        mode = os.stat(entry.path).st_mode  # follows a link that stays inside ROOT
+        if stat.S_ISREG(mode):
+            return None
+        kind = (
+            "a folder"
+            if stat.S_ISDIR(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "not a regular file (a device or socket)"
+        )
+        return f"it is {kind}, not a file"
 
     def settle(self, now: float) -> tuple[list[Candidate], list[Candidate]]:
         """Return (ready, rejected) documents, oldest first; run header checks as needed."""
@@ -145,6 +180,15 @@ class StabilityTracker:
         except OSError as exc:
             return CollageError(f"cannot read the file: {exc.strerror}", path=name)
         return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def is_outside(path: Path, root: Path) -> bool:
+    """True when ``path`` (following links) leads out of ``root``: never read it."""
+    return not _inside(Path(os.path.realpath(path)), Path(os.path.realpath(root)))
 
 
 def _sig(st: os.stat_result) -> tuple[int, int, int]:

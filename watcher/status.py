@@ -1,8 +1,30 @@
-"""``ROOT/status.json``: what the watcher is doing, for people and for monitoring.
+"""What the hot folder is doing: ``ROOT/status.json`` and, on a farm, the status in Redis.
 
-Rewritten atomically (a reader never sees half a file) when something changes,
-at most a few times a second while a job reports progress, and at least every
-``heartbeat`` seconds so a stale ``updated`` means the watcher is gone.
+This module's public API (used by ``psd-collage status`` and ``psd-collage serve``):
+
+- :func:`read_status` ``(root, broker=None)``: the status as one dict;
+- :class:`FarmStatus` ``(broker_url)``: the farm's one status, kept in Redis, written by
+  the watcher (queued, finished) and the workers (running, progress); ``.snapshot()``;
+- :class:`StatusBoard`: the watcher's side, which writes ``ROOT/status.json``
+  (in farm mode derived from :class:`FarmStatus`).
+
+Every snapshot has the same shape, in single-process and farm mode::
+
+    {"mode": "single" | "farm", "state": "idle" | "working" | "stopped" | ...,
+     "message": str | None, "updated": ISO time,
+     "queued":  [{"job", "name", "queued_at"}],          # claimed, waiting for a worker
+     "waiting": [{"name", "size", "reason"}],            # in the inbox, not ready yet
+     "running": [{"job", "name", "worker", "phase", "done", "total", "attempt", "started"}],
+     "counts":  {"done": int, "failed": int},
+     "recent":  [{"job", "name", "outcome": "done" | "failed", "done" | "failed": path,
+                  "error", "worker", "started", "finished", "seconds", ...}],  # newest first
+     "workers": [{"name", "state", "job", "updated"}]}  # farm workers ([] single-process)
+
+``running[].done``/``total`` are the steps of the current ``phase`` ("read", "load",
+"ti", "sample", "write"). ``status.json`` is rewritten atomically (a reader never
+sees half a file) when something changes, at most a few times a second while a job
+reports progress, and at least every ``heartbeat`` seconds so a stale ``updated``
+means the watcher is gone.
 """
 
 from __future__ import annotations
@@ -39,6 +61,7 @@ class StatusBoard:
         heartbeat: float = 10.0,
     ) -> None:
         self.path = path
+        self.host, self.pid = socket.gethostname(), os.getpid()
         self.settings = settings
         self.state = "starting"
         self.started = time.time()
@@ -55,17 +78,19 @@ class StatusBoard:
 
     def snapshot(self) -> dict[str, Any]:
         return {
+            "mode": "single",
             "state": self.state,
             "message": self.message,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
+            "host": self.host,
+            "pid": self.pid,
             "started": iso(self.started),
             "settings": self.settings,
             "queued": self.queued,
             "waiting": self.waiting,
-            "running": self.running,
+            "running": [self.running] if self.running else [],
             "counts": self.counts,
             "recent": list(self.recent),
+            "workers": [],
         }
 
     def write(self, *, force: bool = False) -> bool:
@@ -103,6 +128,9 @@ class StatusBoard:
         self.recent.appendleft(entry)
         self.write(force=True)
 
+    def close(self) -> None:
+        """Nothing to let go of for a status file (the farm's board leaves Redis)."""
+
     def _run_start(self) -> float:
         started = (self.running or {}).get("started_ts")
         return float(started) if started else time.time()
@@ -115,3 +143,131 @@ class StatusBoard:
             return [r for r in recent if isinstance(r, dict)][:keep]
         except (OSError, ValueError, AttributeError):
             return []
+
+
+# ---------------------------------------------------------------------------
+# The farm's status, in Redis
+# ---------------------------------------------------------------------------
+
+#: Keys in Redis (one farm per Redis database): a hash of jobs in flight, a hash of
+#: workers, a hash of watchers, the counts and a capped list of finished jobs.
+PREFIX = "psd-collage:"
+
+
+class FarmStatus:
+    """The one status of a farm, in the broker's Redis.
+
+    Job records are JSON in the hash ``psd-collage:jobs``: the watcher adds one when it
+    queues a job (only if absent: a fast worker may already have marked it running),
+    the worker that takes the job rewrites it while rendering, and the watcher removes
+    it when it has moved the files, adding the job to ``history`` and ``counts`` in one
+    transaction. Methods raise ``redis.exceptions.RedisError`` when Redis is down; the
+    callers decide what that means.
+    """
+
+    def __init__(self, url: str, *, keep: int = 50) -> None:
+        import redis
+
+        self.url = url
+        self.keep = keep
+        # redis-py's pool reconnects in a forked child (a Celery pool process) by itself.
+        self.client = redis.Redis.from_url(
+            url, socket_connect_timeout=2, socket_timeout=5, decode_responses=True
+        )
+
+    # -- the watcher's side ----------------------------------------------------
+    def job_queued(self, job: str, name: str, queued_at: float) -> None:
+        record = {"job": job, "name": name, "state": "queued", "queued_at": iso(queued_at)}
+        self.client.hsetnx(PREFIX + "jobs", job, json.dumps(record))
+
+    def known_jobs(self, jobs: list[str]) -> set[str]:
+        """Which of these jobs Redis knows (a Redis that lost its data knows none)."""
+        if not jobs:
+            return set()
+        found = self.client.hmget(PREFIX + "jobs", jobs)
+        return {job for job, record in zip(jobs, found, strict=True) if record is not None}
+
+    def job_finished(self, entry: dict[str, Any]) -> None:
+        """The watcher moved the files: out of the jobs, into history and counts."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hdel(PREFIX + "jobs", entry["job"])
+        pipe.lpush(PREFIX + "history", json.dumps(entry, ensure_ascii=False, default=str))
+        pipe.ltrim(PREFIX + "history", 0, self.keep - 1)
+        if entry.get("outcome") in ("done", "failed"):
+            pipe.hincrby(PREFIX + "counts", entry["outcome"], 1)
+        pipe.execute()
+
+    def forget_jobs(self, jobs: list[str]) -> None:
+        if jobs:
+            self.client.hdel(PREFIX + "jobs", *jobs)
+
+    def watcher_seen(self, key: str, info: dict[str, Any]) -> None:
+        """The watcher's own view (inbox files not ready yet, its state) for the snapshot."""
+        self.client.hset(
+            PREFIX + "watchers", key, json.dumps({**info, "updated": iso(time.time())})
+        )
+
+    def watcher_gone(self, key: str) -> None:
+        self.client.hdel(PREFIX + "watchers", key)
+
+    # -- the worker's side -----------------------------------------------------
+    def job_running(self, record: dict[str, Any]) -> None:
+        """A worker's record of its job: worker, attempt, phase, steps done of total."""
+        data = {**record, "state": record.get("state", "running"), "updated": iso(time.time())}
+        self.client.hset(PREFIX + "jobs", record["job"], json.dumps(data, default=str))
+
+    def worker_seen(self, name: str, info: dict[str, Any]) -> None:
+        data = {"name": name, **info, "updated": iso(time.time())}
+        self.client.hset(PREFIX + "workers", name, json.dumps(data, default=str))
+
+    def worker_gone(self, name: str) -> None:
+        self.client.hdel(PREFIX + "workers", name)
+
+    # -- readers ---------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """The farm's status, shaped like ``status.json`` (see the module docstring)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in ("jobs", "workers", "watchers", "counts"):
+            pipe.hgetall(PREFIX + key)
+        pipe.lrange(PREFIX + "history", 0, self.keep - 1)
+        jobs, workers, watchers, counts, history = pipe.execute()
+        records = sorted(_loads(jobs.values()), key=lambda r: (r.get("queued_at") or "", r["job"]))
+        watcher_views = _loads(watchers.values())
+        busy = [w for w in watcher_views if w.get("state") == "working"]
+        state = "working" if records else ("idle" if watcher_views else "stopped")
+        return {
+            "mode": "farm",
+            "state": state if not busy else "working",
+            "message": next((w["message"] for w in watcher_views if w.get("message")), None),
+            "updated": iso(time.time()),
+            "queued": [r for r in records if r.get("state") == "queued"],
+            "waiting": [item for w in watcher_views for item in w.get("waiting", [])],
+            "running": [r for r in records if r.get("state") != "queued"],
+            "counts": {"done": int(counts.get("done", 0)), "failed": int(counts.get("failed", 0))},
+            "recent": _loads(history),
+            "workers": sorted(_loads(workers.values()), key=lambda w: w.get("name", "")),
+        }
+
+
+def read_status(root: str | Path, broker: str | None = None) -> dict[str, Any]:
+    """The hot folder's status: from Redis with a broker, else ``ROOT/status.json``.
+
+    Raises ``redis.exceptions.RedisError`` when the broker cannot be read, and
+    ``FileNotFoundError`` when no watcher ever wrote ``status.json`` in ROOT.
+    """
+    if broker:
+        return FarmStatus(broker).snapshot()
+    data = json.loads((Path(root) / "status.json").read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _loads(values: Any) -> list[dict[str, Any]]:
+    out = []
+    for value in values:
+        try:
+            item = json.loads(value)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(item, dict):
+            out.append(item)
+    return out

@@ -113,6 +113,12 @@ def check_header(path: str | Path, *, max_pixels: int | None = None) -> None:
     _read_header(Path(path), max_pixels)
 
 
+def document_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of a complete PSD/PSB, from its header (see :func:`check_header`)."""
+    header = _read_header(Path(path), None)
+    return header.width, header.height
+
+
 def _read_header(path: Path, max_pixels: int | None) -> _Header:
     try:
         size = path.stat().st_size

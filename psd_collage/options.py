@@ -76,8 +76,7 @@ def policy_options(func: Callable) -> Callable:
 
 def policy_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The limits the operator gave on the command line (``max_pixels`` included)."""
-    keys = {*POLICY_SETTINGS, "max_pixels"}
-    return {k: v for k, v in options.items() if k in keys and v not in (None, ())}
+    return _given(options, {*POLICY_SETTINGS, "max_pixels"})
 
 
 def setting_option(entry: Setting) -> Callable:
@@ -124,10 +123,14 @@ def _checked_by(entry: Setting) -> Callable:
 
 def settings_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The settings the user actually gave on the command line (not click's defaults)."""
+    return _given(options, SETTING_KEYS)
+
+
+def _given(options: Mapping[str, Any], keys: set[str] | frozenset[str]) -> dict[str, Any]:
     ctx = click.get_current_context(silent=True)
     given = {}
     for key, value in options.items():
-        if key not in SETTING_KEYS or value is None:
+        if key not in keys or value is None or value == ():
             continue
         if ctx is not None and ctx.get_parameter_source(key) is ParameterSource.DEFAULT:
             continue

@@ -129,9 +129,7 @@ def wait_until(predicate, timeout: float, procs=(), what: str = "") -> None:
 
 
 def finished_psds(root: Path) -> list[str]:
-    return sorted(
-        p.name for folder in ("done", "failed") for p in (root / folder).glob("*.ps[db]")
-    )
+    return sorted(p.name for folder in ("done", "failed") for p in (root / folder).glob("*.ps[db]"))
 
 
 def drop(inbox: Path, tmp: Path, name: str, seed: int) -> str:
@@ -237,3 +235,29 @@ def test_redis_stopped_and_restarted_mid_run_loses_nothing(
     assert text.count("cannot reach Redis") == 1 and "Redis is back" in text
     for name in digests:
         assert len([x for x in text.splitlines() if f"INFO done {name} " in x]) == 1, name
+
+
+def test_farm_commands_refuse_bad_use_with_one_error_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from psd_collage.cli import main
+
+    root = tmp_path / "hot"
+    Layout.create(root)
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(main, list(args))
+        assert result.exit_code == 2, result.output
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith("error: ")
+        return line
+
+    assert "give --steps to psd-collage worker" in run(
+        "watch", str(root), "--broker", "redis://127.0.0.1:1/0", "--steps", "3"
+    )
+    assert "not a Redis URL" in run("watch", str(root), "--broker", "http://example.com")
+    assert "no status.json" in run("status", str(root))
+    assert "cannot reach Redis" in run("status", str(root), "--broker", "redis://127.0.0.1:1/0")
+    assert "not a hot folder" in run(
+        "worker", "--broker", "redis://127.0.0.1:1/0", "--root", str(tmp_path)
+    )

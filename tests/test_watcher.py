@@ -218,15 +218,22 @@ def test_a_stable_file_that_is_not_a_psd_fails_after_the_window(tmp_path: Path) 
     assert "not a Photoshop file" in str(rejected[0].header_error)
 
 
-def test_an_incomplete_file_gets_the_grace_before_it_fails(tmp_path: Path) -> None:
+def test_an_incomplete_file_is_never_failed_only_reported_once_as_stalled(tmp_path: Path) -> None:
     tracker = StabilityTracker(tmp_path, 2.0, fake_header, wall_clock=time.time, grace=5.0)
-    (tmp_path / "a.psd").write_bytes(b"8BPS\0\1")  # the copy stalled after 6 bytes
+    path = tmp_path / "a.psd"
+    path.write_bytes(b"8BPS\0\1")  # the copy stalled after 6 bytes
     tracker.scan(0.0)
-    for t in (1.0, 2.0, 4.0, 6.5):
+    for t in (1.0, 2.0, 4.0, 6.5, 60.0):
         assert tracker.settle(t) == ([], []), t
-    ready, rejected = tracker.settle(7.0)
-    assert ready == [] and [c.name for c in rejected] == ["a.psd"]
-    assert "incomplete" in str(rejected[0].header_error)
+    assert [c.name for c in tracker.newly_stalled] == ["a.psd"]  # once, after the grace
+    assert tracker.next_deadline(60.0) is None
+    # ... and the copy resumes a minute later: the file is taken once complete.
+    path.write_bytes(fake_psd("a"))
+    tracker.scan(61.0)
+    assert tracker.settle(62.0) == ([], [])
+    ready, rejected = tracker.settle(63.0)
+    assert [c.name for c in ready] == ["a.psd"] and rejected == []
+    assert [c.name for c in tracker.newly_stalled] == ["a.psd"]
 
 
 def test_a_complete_file_becomes_ready_after_one_window(tmp_path: Path) -> None:
@@ -594,7 +601,6 @@ def test_kill_9_mid_job_then_two_watchers_finish_every_file_exactly_once(tmp_pat
             "originals",
         )
     bad = {
-        "truncated.psd": make_psd(tmp_path / "t.psd", 99)[:300],
         "holiday.psd": _jpeg_bytes(),
         "sidecar.psd": make_psd(tmp_path / "s.psd", 98),
     }
@@ -605,6 +611,11 @@ def test_kill_9_mid_job_then_two_watchers_finish_every_file_exactly_once(tmp_pat
         digests[name], expected[name] = hashlib.sha256(data).hexdigest(), "failed"
     (inbox / "sidecar.psd.toml").write_text('prompt = "a picnic"\nstepz = 4\n')
     (inbox / "notes.txt").write_text("left alone")
+    # A copy that stopped after 300 bytes: it may resume, so it waits in the inbox.
+    truncated = make_psd(tmp_path / "t.psd", 99)[:300]
+    (inbox / "truncated.psd").write_bytes(truncated)
+    digests["truncated.psd"] = hashlib.sha256(truncated).hexdigest()
+    expected["truncated.psd"] = "inbox"
 
     killed = start_watch(root, log, "--poll", "0.3")
     try:
@@ -627,7 +638,8 @@ def test_kill_9_mid_job_then_two_watchers_finish_every_file_exactly_once(tmp_pat
     exactly_one_place(root, digests, expected)
     done = sorted(p.name for p in (root / "done").iterdir() if p.suffix == ".psd")
     assert done == sorted(n for n, e in expected.items() if e == "originals")  # none twice
-    assert sorted(os.listdir(root / "inbox")) == ["notes.txt"] and pending_jobs(Layout(root)) == []
+    assert sorted(os.listdir(root / "inbox")) == ["notes.txt", "truncated.psd"]
+    assert pending_jobs(Layout(root)) == []
     assert harmonized(root / "done" / "f00.psd")
     errors = {p.name: p.read_text().splitlines()[0] for p in (root / "failed").glob("*.error.txt")}
     assert set(errors) == {Path(n).stem + ".error.txt" for n in bad}
@@ -640,7 +652,8 @@ def test_kill_9_mid_job_then_two_watchers_finish_every_file_exactly_once(tmp_pat
         assert "Indexed" in errors["indexed.error.txt"]
     assert (root / "failed" / "sidecar.psd.toml").exists()
     text = (root / "watch.log").read_text()
-    for name in digests:  # finished once, by one of the watchers
+    assert "truncated.psd is still incomplete" in text
+    for name in set(digests) - {"truncated.psd"}:  # finished once, by one of the watchers
         assert (
             len(
                 [

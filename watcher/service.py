@@ -57,7 +57,7 @@ class WatchOptions:
     once: bool = False  # process what is there, then exit
     rescan: float = 10.0  # safety-net rescan of inbox/ and work/ (events can be missed)
     grace: float | None = (
-        None  # unchanged but unreadable this long -> failed; None: max(stable, 10)
+        None  # unchanged and incomplete this long -> reported as stalled; None: max(stable, 10)
     )
     broker: str | None = None  # Redis URL: farm workers render (see watcher.dispatch)
     resync: float = 5.0  # farm: how often to check that Redis knows every job in flight
@@ -227,12 +227,19 @@ class WatchService:
         ready, rejected = self.tracker.settle(now)
         for cand in self.tracker.newly_failing:
             log.info(
-                "%s does not read as a PSD yet (%s); failing it if it stays so for %g s",
+                "%s does not read as a whole PSD yet (%s); waiting for the rest of the copy",
                 cand.name,
                 cand.header_error,
-                self.options.unreadable_grace,
             )
         self.tracker.newly_failing.clear()
+        for cand in self.tracker.newly_stalled:
+            log.warning(
+                "%s is still incomplete after %g s: it stays in inbox/ while the copy may "
+                "resume; if the copy broke off, copy the file again",
+                cand.name,
+                self.options.unreadable_grace,
+            )
+        self.tracker.newly_stalled.clear()
         if self.farm and self.farm.down:
             ready = []  # files are safest in the inbox until Redis is back
         ready = [c for c in ready if self._unclaimable.get(c.name) != c.signature]
@@ -271,7 +278,8 @@ class WatchService:
         if self.farm and self.farm.inflight:
             return False
         return not self._work_found and all(
-            self._unclaimable.get(c.name) == c.signature for c in self.tracker.candidates.values()
+            self._unclaimable.get(c.name) == c.signature or c.stalled
+            for c in self.tracker.candidates.values()
         )
 
     def _sleep(self) -> None:
@@ -300,7 +308,11 @@ class WatchService:
             {
                 "name": c.name,
                 "size": c.signature[0][0],
-                "reason": "not a readable PSD yet" if c.failing_since else "still changing",
+                "reason": (
+                    "incomplete: waiting for the rest of the copy"
+                    if c.failing_since
+                    else "still changing"
+                ),
             }
             for c in self.tracker.candidates.values()
             if c.name not in ready_names

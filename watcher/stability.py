@@ -4,11 +4,12 @@ Copies over a network arrive in chunks, sometimes with pauses; saving from
 Photoshop rewrites the file. So a file is only *ready* after its size and
 mtime (and those of its sidecar) have not changed for ``window`` seconds and
 its header checks out (the reader's ``check_header`` also checks that every
-section the header announces is there). A header that fails while the file is
-still changing means "not there yet", never "broken"; only a file that then
-stays unchanged and unreadable for a further ``grace`` period is *rejected*
-(it goes to failed/). The grace is longer than the window by default because a
-copy over Wi-Fi or VPN can stall for seconds in the middle of a file.
+section the header announces is there). A file that is not a PSD at all (a JPEG
+renamed .psd) is *rejected* (it goes to failed/) once stable. A file that is an
+incomplete PSD is never rejected: a copy over Wi-Fi or VPN can stall for as long
+as it likes and then resume, and a file failed meanwhile would go on growing in
+failed/. It waits in the inbox; after a ``grace`` period it is reported once as
+stalled (the log and the status say so), then it waits on.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Candidate:
     header_error: CollageError | None = None
     header_checked: Signature | None = None
     failing_since: float | None = None  # monotonic, first failed header check while stable
+    stalled: bool = False  # incomplete for longer than the grace: reported once
     ready_at: float | None = None  # wall clock, when found ready
 
 
@@ -73,6 +75,7 @@ class StabilityTracker:
         self.newly_refused: list[tuple[str, str]] = []
         self.newly_seen: list[Candidate] = []  # for the log: "found X"
         self.newly_failing: list[Candidate] = []  # for the log: "X does not read as a PSD yet"
+        self.newly_stalled: list[Candidate] = []  # for the log: "X is still incomplete"
 
     def scan(self, now: float) -> None:
         """Look at the inbox once (``now``: monotonic seconds)."""
@@ -108,6 +111,7 @@ class StabilityTracker:
                 known.changed_at = now
                 known.mtime = signature[0][1] / 1e9
                 known.failing_since = None
+                known.stalled = False
                 known.ready_at = None
         for name in list(self.candidates):
             if name not in seen:
@@ -152,15 +156,16 @@ class StabilityTracker:
             elif cand.failing_since is None:
                 cand.failing_since = now
                 self.newly_failing.append(cand)
-            elif now - cand.failing_since >= self.grace:
-                rejected.append(cand)
+            elif now - cand.failing_since >= self.grace and not cand.stalled:
+                cand.stalled = True  # it may resume: never failed, only reported
+                self.newly_stalled.append(cand)
         return ready, rejected
 
     def next_deadline(self, now: float) -> float | None:
         """Seconds until a candidate may change state (for the main loop's sleep)."""
         waits = []
         for c in self.candidates.values():
-            if c.ready_at is not None:
+            if c.ready_at is not None or c.stalled:
                 continue
             if c.failing_since is not None:
                 waits.append(max(0.0, c.failing_since + self.grace - now))

@@ -220,7 +220,9 @@ class Settings:
     """
 
     model: str = setting(
-        DEFAULT_MODEL, "Hub id, local diffusers folder, single .safetensors, or 'tiny'."
+        DEFAULT_MODEL,
+        "Hub id, local diffusers folder, single .safetensors, 'tiny', or 'shapes' (a small "
+        "trained model of coloured shapes).",
     )
     prompt: str | None = setting(
         None,

@@ -47,6 +47,8 @@ from ..settings import SCHEDULERS
 from .tiny_vocab import build_tiny_tokenizer
 
 TINY_MODELS = {"tiny": "sd1", "tiny-sdxl": "sdxl"}
+#: Trained models shipped inside the package (diffusers folders), by ``--model`` name.
+PACKAGED_MODELS = {"shapes": Path(__file__).resolve().parent.parent / "shapes" / "weights"}
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth"}
 
 #: ``--scheduler`` names -> (diffusers class, config overrides), from the one list in settings.
@@ -712,12 +714,23 @@ def _load_hub_quietly(repo_id: str, dtype: torch.dtype, allow_pickle: bool) -> M
 def load_components(
     model: str, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False
 ) -> ModelComponents:
-    """Components for ``model``: ``tiny`` / ``tiny-sdxl``, a folder, a single file or a hub id."""
+    """Components for ``model``: ``tiny`` / ``tiny-sdxl``, ``shapes``, a folder, a single file
+    or a hub id."""
     if model in TINY_MODELS:
         components = build_tiny_components(TINY_MODELS[model])
         for _, module in components.modules():
             if module.dtype != dtype:
                 module.to(dtype=dtype)
+        return components
+    if model in PACKAGED_MODELS:
+        folder = PACKAGED_MODELS[model]
+        if not (folder / "model_index.json").is_file():
+            raise ModelError(
+                f"the {model!r} model is not in this installation ({folder}); reinstall "
+                "psd-collage, or train it with `python -m psd_collage.shapes.train`"
+            )
+        components = _load_folder(folder, dtype, allow_pickle)
+        components.name = model
         return components
     path = Path(model).expanduser()
     suffix = path.suffix.lower()

@@ -78,7 +78,9 @@ def _crops(args: argparse.Namespace, step: int) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     c = args.vae_crop
     corners = rng.integers(0, images.shape[1] - c + 1, (len(images), 2))
-    return _pixels(np.stack([im[y : y + c, x : x + c] for im, (y, x) in zip(images, corners)]))
+    return _pixels(
+        np.stack([im[y : y + c, x : x + c] for im, (y, x) in zip(images, corners, strict=False)])
+    )
 
 
 def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:

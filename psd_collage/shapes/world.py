@@ -93,10 +93,7 @@ class Scene:
 
 def scene_prompt(captions: list[str], backdrop: str, light: str) -> str:
     """``a red circle, a blue square and a white triangle on snow at night``."""
-    if len(captions) > 1:
-        things = ", ".join(captions[:-1]) + " and " + captions[-1]
-    else:
-        things = captions[0]
+    things = ", ".join(captions[:-1]) + " and " + captions[-1] if len(captions) > 1 else captions[0]
     return f"{things} on {backdrop} {LIGHTS[light][0]}"
 
 

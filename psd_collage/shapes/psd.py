@@ -14,7 +14,10 @@ import numpy as np
 
 from ..collage import to_u8
 from ..psd.builder import Pixels, build_psd
-from .world import Scene, draw, layer_rgba
+from .world import COLOURS, SIZE, Scene, Shape, apply_light, draw, layer_rgba
+
+#: The colour of placeholder blobs: neutral grey, so only the caption says what goes there.
+PLACEHOLDER_GREY = 0.5
 
 
 def backdrop_name(scene: Scene) -> str:
@@ -30,14 +33,27 @@ def write_scene_psd(
     object_tags: str = "",
     backdrop_tags: str = "",
     size: int | None = None,
+    placeholders: bool = False,
+    two_tone: str | None = None,
 ) -> Path:
     """Write ``scene`` to ``path``; objects lit by ``object_light`` (default: the scene's).
 
     Tags are appended to layer names as written, e.g. ``object_tags="[noise=0.6]"``.
+    ``placeholders``: each object is a grey disc of its size instead (still named by its
+    caption), for measuring whether the model draws the caption there. ``two_tone``: the
+    lower half of each object gets this colour (a look the captions cannot name).
     """
     kwargs = {} if size is None else {"size": size}
     drawn = draw([scene], **kwargs)
-    objects = draw([scene.lit(object_light or scene.light)], **kwargs)
+    shown = scene.lit(object_light or scene.light)
+    if placeholders:
+        shown = Scene(
+            shown.backdrop,
+            shown.light,
+            shown.horizon,
+            tuple(Shape("circle", o.colour, o.cx, o.cy, o.r) for o in shown.objects),
+        )
+    objects = draw([shown], **kwargs)
     height, width = drawn.images.shape[1:3]
     layers = [
         Pixels(
@@ -47,12 +63,16 @@ def write_scene_psd(
         )
     ]
     for slot, shape in enumerate(scene.objects):
+        rgba = layer_rgba(objects, 0, slot)
+        if placeholders:
+            rgba[..., :3] = PLACEHOLDER_GREY
+        if two_tone is not None:
+            rows = np.arange(height, dtype=np.float32)[:, None] + 0.5
+            lower = rows * (SIZE / height) > shape.cy
+            second = apply_light(COLOURS[two_tone], shown.light)
+            rgba[..., :3] = np.where(lower[..., None], second, rgba[..., :3])
         layers.append(
-            Pixels(
-                _named(shape.caption, object_tags),
-                (0, 0, width, height),
-                rgba=_rgba(layer_rgba(objects, 0, slot)),
-            )
+            Pixels(_named(shape.caption, object_tags), (0, 0, width, height), rgba=_rgba(rgba))
         )
     return build_psd(Path(path), layers, size=(width, height), description=scene.prompt)
 
@@ -65,3 +85,20 @@ def _rgba(values: np.ndarray) -> np.ndarray:
     if values.shape[-1] == 3:
         values = np.concatenate([values, np.ones_like(values[..., :1])], axis=-1)
     return to_u8(values)
+
+
+def read_variant(path: str | Path, index: int = 0) -> np.ndarray:
+    """Variant ``index`` of the newest ``[harmonized]`` group of a rendered PSD, (h, w, 3)
+    float32 in [0, 1] on the document canvas."""
+    from psd_tools import PSDImage
+
+    document = PSDImage.open(path)
+    groups = [layer for layer in document if layer.name.startswith("[harmonized]")]
+    if not groups:
+        raise ValueError(f"{path}: no [harmonized] group")
+    layer = list(groups[-1])[index]
+    canvas = np.zeros((document.height, document.width, 3), np.float32)
+    pixels = np.asarray(layer.topil().convert("RGB"), np.float32) / 255.0
+    left, top = layer.left, layer.top
+    canvas[top : top + pixels.shape[0], left : left + pixels.shape[1]] = pixels
+    return canvas

@@ -2,7 +2,8 @@
 
 Three stages, each resumable from its checkpoint in ``--work``:
 
-1. the VAE, on freshly drawn world scenes (MSE + L1 + a small KL term);
+1. the VAE, on crops of freshly drawn world scenes (MSE + L1 + a small KL term), decoding
+   the posterior mean;
 2. the latent cache: ``--scenes`` scenes encoded once (posterior means) with their prompts;
 3. the UNet and the text encoder jointly, on the cached latents (epsilon prediction,
    Stable Diffusion's noise schedule, 10 % caption dropout for classifier-free guidance,
@@ -102,7 +103,9 @@ def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:
             group["lr"] = _lr(step, args.vae_steps, args.vae_lr, warmup=50)
         x = _crops(args, step)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
+        # The posterior mean, as the engine encodes: a sample's noise (std ~1 at the start,
+        # against latents of std ~2.5) kept the decoder blurry for hundreds of steps.
+        recon = vae.decode(posterior.mode()).sample
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
         loss = loss + KL_WEIGHT * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)

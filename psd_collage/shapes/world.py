@@ -104,7 +104,8 @@ class Drawn:
     ``images``: (n, h, w, 3) float32 lit sRGB; ``backdrops``: (n, h, w, 3) the backdrop
     alone; ``alphas``: (n, k, h, w) each object's own anti-aliased coverage (k = most
     objects in the batch; unused slots are zero); ``visible``: the same after
-    occlusion by the objects in front; ``unlit`` / ``lit``: (n, k, 3) object colours.
+    occlusion by the objects in front; ``unlit``: (n, k, 3) object colours, ``lit``:
+    their mean over the object under the scene's light (objects are shaded slightly).
     """
 
     scenes: list[Scene]
@@ -191,8 +192,9 @@ def draw(scenes: list[Scene], size: int = SIZE) -> Drawn:
         for j, s in enumerate(scene.objects):
             a = _coverage(s.shape, xx, yy, s)
             colour = np.float32(COLOURS[s.colour])
-            unlit[i, j], lit[i, j] = colour, apply_light(colour, scene.light)
             surface = apply_light(colour * shade[..., None], scene.light)
+            unlit[i, j] = colour
+            lit[i, j] = (surface * a[..., None]).sum((0, 1)) / max(float(a.sum()), 1e-6)
             image = image * (1 - a[..., None]) + surface * a[..., None]
             alphas[i, j] = a
         images[i] = image

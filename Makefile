@@ -35,6 +35,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_psd_io.py
 	$(PY) benchmarks/bench_watch.py
 	$(PY) benchmarks/bench_ti.py
+	$(PY) benchmarks/bench_farm.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from test_watcher import make_psd, sha, where_is
 
+from watcher.farm import ATTEMPTS_NAME
+from watcher.jobs import MAX_ATTEMPTS, claim
 from watcher.layout import Layout
 from watcher.status import FarmStatus
 
@@ -152,6 +154,11 @@ def test_twenty_files_two_workers_one_killed_every_file_ends_once(
     for k, (name, sidecar) in enumerate(hostile.items()):
         (layout.inbox / (name + ".toml")).write_text(sidecar)
         digests[name] = drop(layout.inbox, tmp_path, name, 100 + k)
+    # A job that already took down MAX_ATTEMPTS workers (left in work/ by them).
+    digests["doomed.psd"] = drop(layout.inbox, tmp_path, "doomed.psd", 200)
+    doomed = claim(layout, "doomed.psd")
+    (doomed.folder / ATTEMPTS_NAME).write_text(json.dumps({"attempts": MAX_ATTEMPTS}))
+    doomed.release()
     make_psd(tmp_path / "secret.psd", 999)  # outside ROOT: must never be read
     (layout.inbox / "leak.psd").symlink_to(tmp_path / "secret.psd")
 
@@ -174,7 +181,7 @@ def test_twenty_files_two_workers_one_killed_every_file_ends_once(
         workers[killed].wait(10)
         survivor = next(p for n, p in workers.items() if n != killed)
         wait_until(
-            lambda: len(finished_psds(root)) == 22, 240, [watch, survivor], "every file finished"
+            lambda: len(finished_psds(root)) == 23, 240, [watch, survivor], "every file finished"
         )
         time.sleep(0.5)  # let the watcher write its last status
     finally:
@@ -182,17 +189,19 @@ def test_twenty_files_two_workers_one_killed_every_file_ends_once(
 
     # Every file in exactly one place, byte-identical, none twice.
     for name, digest in digests.items():
-        expected = "failed" if name in hostile else "originals"
+        expected = "failed" if name in hostile or name == "doomed.psd" else "originals"
         assert where_is(root, digest) == [f"{expected}/{name}"], name
     assert sorted(p.name for p in layout.done.glob("*.psd")) == sorted(
-        n for n in digests if n not in hostile
+        n for n in digests if n not in hostile and n != "doomed.psd"
     )
     assert list(layout.work.iterdir()) == []
     # The killed worker's job came back and finished once, on the other worker.
     status = json.loads(layout.status_file.read_text())
-    assert status["mode"] == "farm" and status["counts"] == {"done": 20, "failed": 2}
+    assert status["mode"] == "farm" and status["counts"] == {"done": 20, "failed": 3}
     slow = [r for r in status["recent"] if r["name"] == "f00.psd"]
     assert len(slow) == 1 and slow[0]["attempt"] == 2 and slow[0]["worker"] != killed
+    doomed_error = (layout.failed / "doomed.error.txt").read_text().splitlines()[0]
+    assert f"started {MAX_ATTEMPTS} times" in doomed_error
     # The operator's policy against designers' sidecars: one line naming the limit.
     greedy = (layout.failed / "greedy.error.txt").read_text().splitlines()[0]
     assert "steps=1000" in greedy and "max_steps=25" in greedy
@@ -235,6 +244,21 @@ def test_redis_stopped_and_restarted_mid_run_loses_nothing(
     assert text.count("cannot reach Redis") == 1 and "Redis is back" in text
     for name in digests:
         assert len([x for x in text.splitlines() if f"INFO done {name} " in x]) == 1, name
+    # The farm's status: the jobs finished while Redis was away are in its history too.
+    from click.testing import CliRunner
+
+    from psd_collage.cli import main
+
+    shown = CliRunner().invoke(main, ["status", str(root), "--broker", redis_server.url, "--json"])
+    assert shown.exit_code == 0, shown.output
+    farm = json.loads(shown.stdout)
+    assert farm["mode"] == "farm" and farm["queued"] == [] and farm["running"] == []
+    # (Redis restarted empty: what it knew before is gone, what came after is all there.)
+    recent = [r["name"] for r in farm["recent"]]
+    assert set(late) <= set(recent) <= set(digests) and len(set(recent)) == len(recent)
+    assert farm["counts"] == {"done": len(recent), "failed": 0}
+    text = CliRunner().invoke(main, ["status", str(root), "--broker", redis_server.url]).stdout
+    assert "0 queued, 0 running" in text and "done   b0.psd -> done/b0.psd" in text
 
 
 def test_farm_commands_refuse_bad_use_with_one_error_line(tmp_path: Path) -> None:

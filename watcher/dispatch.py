@@ -162,16 +162,21 @@ class FarmDispatcher:
 class FarmBoard(StatusBoard):
     """``status.json`` derived from the farm's status in Redis, plus this watcher's view."""
 
+    REFRESH = 0.5  # seconds: read Redis at most this often for status.json
+
     def __init__(self, path: Path, dispatcher: FarmDispatcher, **kw: Any) -> None:
         super().__init__(path, **kw)
         self.dispatcher = dispatcher
         self._farm: dict[str, Any] = {}
         self._key = f"{self.host}:{self.pid}"
+        self._fetched = float("-inf")
 
     def snapshot(self) -> dict[str, Any]:
         local = super().snapshot()
         mine = {"state": self.state, "waiting": local["waiting"], "message": self.message}
-        if not self.dispatcher.down:
+        now = time.monotonic()
+        if not self.dispatcher.down and now - self._fetched >= self.REFRESH:
+            self._fetched = now
             try:
                 self.dispatcher.status.watcher_seen(self._key, mine)
                 self._farm = self.dispatcher.status.snapshot()

@@ -157,6 +157,9 @@ class WorkerState:
             log.error("cannot load the model yet: %s", exc)
         finally:
             self._ready.set()
+        with contextlib.suppress(Exception):
+            model = self.config.defaults.get("model")
+            self.status.worker_seen(self.config.name, {"state": "idle", "model": model})
 
     @property
     def renderer(self):

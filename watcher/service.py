@@ -483,10 +483,13 @@ class WatchService:
             log.warning("failed %s -> %s: %s", job.name, shown, state.get("error"))
 
     def _durations(self, state: dict[str, Any], finished: float) -> dict[str, float]:
-        """wait_s: ready -> started (the watcher's own latency); seconds: the job itself."""
+        """wait_s: ready -> started (the watcher's own latency); queue_s: queued -> started on
+        a farm worker; seconds: the job itself."""
         out = {}
         if state.get("ready_at") and state.get("started_at"):
             out["wait_s"] = round(state["started_at"] - state["ready_at"], 3)
+        if state.get("queued_at") and state.get("started_at"):  # farm: sent -> taken
+            out["queue_s"] = round(state["started_at"] - state["queued_at"], 3)
         if state.get("started_at"):
             out["seconds"] = round(finished - state["started_at"], 3)
         return out

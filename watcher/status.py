@@ -232,7 +232,12 @@ class FarmStatus:
         pipe.lrange(PREFIX + "history", 0, self.keep - 1)
         jobs, workers, watchers, counts, history = pipe.execute()
         records = sorted(_loads(jobs.values()), key=lambda r: (r.get("queued_at") or "", r["job"]))
-        watcher_views = _loads(watchers.values())
+        watcher_views = [w for w in _loads(watchers.values()) if _age(w) < WATCHER_GONE_AFTER]
+        rendering = {r["job"]: r.get("worker") for r in records if r.get("state") != "queued"}
+        workers_seen = sorted(_loads(workers.values()), key=lambda w: w.get("name", ""))
+        for w in workers_seen:
+            if w.get("state") == "working" and rendering.get(w.get("job")) != w.get("name"):
+                w["state"] = "lost"  # killed mid-job: its job is queued again or elsewhere
         busy = [w for w in watcher_views if w.get("state") == "working"]
         state = "working" if records else ("idle" if watcher_views else "stopped")
         return {
@@ -245,7 +250,7 @@ class FarmStatus:
             "running": [r for r in records if r.get("state") != "queued"],
             "counts": {"done": int(counts.get("done", 0)), "failed": int(counts.get("failed", 0))},
             "recent": _loads(history),
-            "workers": sorted(_loads(workers.values()), key=lambda w: w.get("name", "")),
+            "workers": workers_seen,
         }
 
 
@@ -259,6 +264,17 @@ def read_status(root: str | Path, broker: str | None = None) -> dict[str, Any]:
         return FarmStatus(broker).snapshot()
     data = json.loads((Path(root) / "status.json").read_text(encoding="utf-8"))
     return data if isinstance(data, dict) else {}
+
+
+#: A watcher that has not written its view for this long (seconds) is gone (killed).
+WATCHER_GONE_AFTER = 60.0
+
+
+def _age(record: dict[str, Any]) -> float:
+    try:
+        return time.time() - datetime.fromisoformat(record["updated"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return float("inf")
 
 
 def _loads(values: Any) -> list[dict[str, Any]]:

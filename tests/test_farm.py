@@ -285,3 +285,27 @@ def test_farm_commands_refuse_bad_use_with_one_error_line(tmp_path: Path) -> Non
     assert "not a hot folder" in run(
         "worker", "--broker", "redis://127.0.0.1:1/0", "--root", str(tmp_path)
     )
+
+
+def test_a_render_killed_by_the_hard_time_limit_fails_with_the_job_timeout(tmp_path: Path) -> None:
+    """Celery kills a pool process stuck in one step; its main process records the outcome."""
+    from celery.exceptions import TimeLimitExceeded
+
+    from psd_collage.policy import Policy
+    from watcher.farm import RenderTask, WorkerConfig, configure_worker, read_result
+
+    layout = Layout.create(tmp_path / "hot")
+    drop(layout.inbox, tmp_path, "stuck.psd", 1)
+    job = claim(layout, "stuck.psd")
+    config = WorkerConfig("redis://127.0.0.1:1/0", layout.root, "w", policy=Policy(job_timeout=5))
+    configure_worker(config)
+    try:
+        RenderTask().on_failure(
+            TimeLimitExceeded(65), "task", [f"work/{job.id}", "stuck.psd"], {}, None
+        )
+    finally:
+        configure_worker(None)
+    result = read_result(job.folder)
+    assert result is not None and result["outcome"] == "failed"
+    assert "job_timeout=5" in result["report"].splitlines()[0]
+    assert result["report"].startswith("stuck.psd: ")

@@ -189,7 +189,7 @@ _config: WorkerConfig | None = None
 _state: WorkerState | None = None
 
 
-def configure_worker(config: WorkerConfig) -> None:
+def configure_worker(config: WorkerConfig | None) -> None:
     """Set before the pool forks: every pool process builds its own state from it."""
     global _config, _state
     _config, _state = config, None

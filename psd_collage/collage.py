@@ -86,6 +86,7 @@ class BaseImage:
     layer: str  # its name inside the [harmonized] group, e.g. "seed 1234"
     group: str  # the [harmonized] group's name
     pixels: np.ndarray  # (H, W, 3) uint8 sRGB at document size
+    record_index: int  # its place in the file's layer records: how the writer finds it again
 
 
 @dataclass

@@ -115,7 +115,9 @@ class Renderer:
         cancel: Callable[[], bool] | None = None,
     ) -> RenderResult:
         """Render one file. The input is never modified unless ``in_place``."""
-        from .psd.reader import document_size, read_collage
+        from .psd.header import document_size
+        from .psd.names import HARMONIZED_PREFIX
+        from .psd.reader import read_collage
         from .psd.writer import write_variants
 
         path = Path(path)
@@ -180,10 +182,10 @@ class Renderer:
             notify("write", 0, 1)
             names = [f"seed {s}" for s in seeds]
             model_label = Path(str(engine.model_name)).name or str(engine.model_name)
-            group = f"[harmonized] {datetime.now():%Y-%m-%d %H:%M} {model_label}"
+            group = f"{HARMONIZED_PREFIX} {datetime.now():%Y-%m-%d %H:%M} {model_label}"
             full = _DocumentSized(result.images, collage.document.size)
             pin = masks.pin_weights(plan.noise, plan.work_size)
-            base = (collage.base.group, collage.base.layer) if collage.editing else None
+            base = collage.base.record_index if collage.editing else None
             source = _preview_source(masks.start_image(collage)) if settings.preview else None
             negative, warnings = collage.negative_prompt, list(collage.warnings)
             del collage, plan  # free the layers' pixels and masks before the writer needs memory

@@ -14,7 +14,9 @@ from psd_tools import PSDImage
 
 from psd_collage import masks
 from psd_collage.errors import CollageError, UnsupportedDocument
-from psd_collage.psd.reader import HARMONIZED_PREFIX, check_header, read_collage
+from psd_collage.psd.header import check_header
+from psd_collage.psd.names import HARMONIZED_PREFIX
+from psd_collage.psd.reader import read_collage
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "psd-fixtures"
 

@@ -55,7 +55,7 @@ def test_noise_map_paints_each_layer_and_background_default() -> None:
 
 
 def test_edit_pins_everything_but_redo_layers() -> None:
-    base = BaseImage("seed 1", "[harmonized] x", np.zeros((80, 100, 3), np.uint8))
+    base = BaseImage("seed 1", "[harmonized] x", np.zeros((80, 100, 3), np.uint8), 3)
     car = _layer("car", (0, 0, 50, 80), noise=0.6, redo=True, color=(0, 255, 0))
     dog = _layer("dog", (60, 0, 100, 80), noise=0.6)
     collage = _collage([car, dog], base=base)

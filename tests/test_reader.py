@@ -10,10 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from psd_tools import PSDImage
+from psd_tools.constants import Resource, Tag
+from psd_tools.psd import PSD
 
 from psd_collage.errors import CollageError, SettingsError, TagError, UnsupportedDocument
-from psd_collage.psd import reader
-from psd_collage.psd.reader import HARMONIZED_PREFIX, check_header, is_default_name, read_collage
+from psd_collage.psd import composite, reader
+from psd_collage.psd.boundary import quiet_psd_tools
+from psd_collage.psd.composite import Compositor, intersect
+from psd_collage.psd.header import SUPPORTED_MODES, check_header, read_header
+from psd_collage.psd.names import HARMONIZED_PREFIX, is_default_name
+from psd_collage.psd.reader import read_collage
+from psd_collage.psd.writer import write_variants
 from psd_collage.settings import LayerOptions, Settings
 from tests.psd_builders import Group, Pixels, build_psd, edit_copy
 
@@ -426,6 +433,41 @@ def test_visible_harmonized_variant_is_the_base_and_never_an_input(tmp_path: Pat
     assert collage.editing
 
 
+def test_base_is_found_by_identity_when_variant_names_repeat(tmp_path: Path) -> None:
+    """Two variants named "seed 7": the writer keeps the visible one the reader chose."""
+    group = Group(
+        f"{HARMONIZED_PREFIX} 2024-05-02 11:00 tiny",
+        [
+            Pixels("seed 7", (0, 0, 64, 64), (200, 200, 0)),  # visible, lower
+            Pixels("seed 7", (0, 0, 64, 64), (0, 0, 250), visible=False),  # hidden, on top
+        ],
+    )
+    layers = [Pixels("a lawn", (0, 0, 64, 64), GREEN), Pixels("a car [redo]", (8, 8, 24, 24), RED)]
+    path = build_psd(tmp_path / "twins.psd", [*layers, group])
+    collage = read_collage(path)
+    assert collage.base is not None and tuple(collage.base.pixels[0, 0]) == (200, 200, 0)
+    out = write_variants(
+        path,
+        tmp_path / "out.psd",
+        [np.zeros((64, 64, 3), np.float32)],
+        ["seed 1"],
+        "new",
+        pin=np.ones((64, 64), np.float32),
+        pin_base=collage.base.record_index,
+    )
+    assert tuple(PSDImage.open(out)[-1][0].numpy()[0, 0, :3].round(3)) == (0.784, 0.784, 0.0)
+
+
+@pytest.mark.parametrize("name", ["group.psd", "clipping-mask.psd", "layer_comps.psb", "blend-and-clipping.psd", "16bit5x5.psd"])  # fmt: skip
+def test_record_index_names_the_layers_record(fixtures_dir: Path, name: str) -> None:
+    psd = PSDImage.open(fixtures_dir / name)
+    with open(fixtures_dir / name, "rb") as fh:
+        records = PSD.read(fh)._get_layer_info().layer_records  # as the writer reads them
+    for layer in psd.descendants():
+        record = records[reader.record_index(psd, layer)]
+        assert record.tagged_blocks.get_data(Tag.UNICODE_LAYER_NAME, record.name) == layer.name
+
+
 def test_hidden_harmonized_group_means_no_base(tmp_path: Path) -> None:
     collage = read_collage(_edited(tmp_path, group_visible=False))
     assert collage.base is None and not collage.editing
@@ -502,15 +544,16 @@ def test_psb_reads_like_psd(fixtures_dir: Path) -> None:
 @pytest.mark.parametrize("name", ["background-red-opacity-80.psd", "layer-name-emoji.psd", "2layers.psb", "16bit5x5.psd"])  # fmt: skip
 def test_plain_layer_shortcut_matches_psd_tools_composite(fixtures_dir: Path, name: str) -> None:
     psd = PSDImage.open(fixtures_dir / name)
-    header = reader._read_header(fixtures_dir / name, None)
-    r = reader._Reader(fixtures_dir / name, psd, header, Settings())
+    mode = SUPPORTED_MODES[read_header(fixtures_dir / name, None).mode]
+    icc = psd.image_resources.get_data(Resource.ICC_PROFILE) or None
+    r = Compositor(psd, mode, icc, excluded=set())
     checked = 0
     for layer in psd:
-        if not r._is_plain(layer):
+        if not r.is_plain(layer):
             continue
-        box = reader._intersect(layer.bbox, (0, 0, psd.width, psd.height))
-        fast = r._render_plain(layer, box).astype(int)
-        slow = r._render(layer, box, opaque=False).astype(int)
+        box = intersect(layer.bbox, (0, 0, psd.width, psd.height))
+        fast = r.render_plain(layer, box).astype(int)
+        slow = r.render(layer, box, opaque=False).astype(int)
         assert np.abs(fast[..., 3] - slow[..., 3]).max() <= 1
         seen = slow[..., 3] > 0  # colour under full transparency is meaningless
         assert np.abs(fast[seen] - slow[seen]).max() <= 1
@@ -523,7 +566,7 @@ def test_stored_merged_image_and_recomposite_agree(
     fixtures_dir: Path, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stored = read_collage(fixtures_dir / name).composite.astype(int)
-    monkeypatch.setattr(reader._Reader, "_stored_composite", lambda self: None)
+    monkeypatch.setattr(Compositor, "stored_composite", lambda self: None)
     rendered = read_collage(fixtures_dir / name).composite.astype(int)
     assert np.abs(stored - rendered).mean() < 0.5
 
@@ -538,7 +581,7 @@ def test_large_viewports_are_composited_in_bands(
     ]
     path = build_psd(tmp_path / "bands.psd", layers, size=(96, 64))
     whole = read_collage(path)
-    monkeypatch.setattr(reader, "BAND_PIXELS", 96 * 7)  # 7-row bands
+    monkeypatch.setattr(composite, "BAND_PIXELS", 96 * 7)  # 7-row bands
     banded = read_collage(path)
     np.testing.assert_array_equal(whole.composite, banded.composite)
     for a, b in zip(whole.layers, banded.layers, strict=True):
@@ -639,7 +682,7 @@ def test_bad_tags_name_file_layer_and_tag(tmp_path: Path, layer_name: str, messa
 
 
 def test_psd_tools_log_output_is_captured_not_printed(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING), reader._quiet_psd_tools() as diagnostics:
+    with caplog.at_level(logging.WARNING), quiet_psd_tools() as diagnostics:
         logging.getLogger("psd_tools.composite").warning("Unsupported blend mode %s", "x")
         logging.getLogger("psd_tools.composite").warning("Unsupported blend mode %s", "x")
     assert diagnostics.messages == ["Unsupported blend mode x"]

@@ -179,7 +179,7 @@ def test_free_stem_keeps_psd_preview_and_error_under_one_number(tmp_path: Path) 
 
 def test_a_copy_that_stalls_midway_is_neither_taken_early_nor_failed(tmp_path: Path) -> None:
     """With the reader's real header check, which finds any truncation of a real PSD."""
-    from psd_collage.psd.reader import check_header
+    from psd_collage.psd.header import check_header
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()

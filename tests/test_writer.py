@@ -17,6 +17,7 @@ from psd_tools.psd.image_resources import ImageResource, VersionInfo
 
 from psd_collage.errors import CollageError, UnsupportedDocument
 from psd_collage.psd.color import from_srgb
+from psd_collage.psd.reader import record_index
 from psd_collage.psd.writer import write_variants
 from tests import readers
 
@@ -495,7 +496,7 @@ def test_without_a_real_merged_image_pins_to_the_layer_composite(tmp_path):
 def test_pin_base_keeps_the_chosen_earlier_variant(tmp_path):
     source = build(tmp_path / "in.psd", "RGB", 16)
     first = write_variants(source, tmp_path / "first.psd", random_variants(24, 32), NAMES, GROUP)
-    _, earlier = check_group(first, NAMES)
+    first_psd, earlier = check_group(first, NAMES)
     header = read_record(first).header
     chosen, _ = layer_raw(earlier[1], header)  # the hidden "seed 99 ..." variant
 
@@ -509,7 +510,7 @@ def test_pin_base_keeps_the_chosen_earlier_variant(tmp_path):
         second_names,
         "[harmonized] second",
         pin=pin,
-        pin_base=(GROUP, NAMES[1]),
+        pin_base=record_index(first_psd, earlier[1]),
     )
     assert_originals_untouched(first, second, added=3)
     psd, layers = check_group(second, second_names, "[harmonized] second")
@@ -519,7 +520,7 @@ def test_pin_base_keeps_the_chosen_earlier_variant(tmp_path):
     assert not np.array_equal(colour[~kept], chosen[~kept])
     assert psd[-2].name == GROUP  # the earlier run stays, below the new one
 
-    with pytest.raises(CollageError, match="seed 5.*\\[harmonized\\]") as caught:
+    with pytest.raises(CollageError, match="no longer in the file.*\\[harmonized\\]") as caught:
         write_variants(
             first,
             tmp_path / "third.psd",
@@ -527,7 +528,7 @@ def test_pin_base_keeps_the_chosen_earlier_variant(tmp_path):
             ["x"],
             "g",
             pin=pin,
-            pin_base=(GROUP, "seed 5"),
+            pin_base=999,
         )
     assert "first.psd" in str(caught.value)
     assert not (tmp_path / "third.psd").exists()
@@ -537,12 +538,13 @@ def test_pin_base_moved_variant_is_laid_over_the_composite(tmp_path):
     """The user nudged the chosen variant: what it no longer covers comes from the composite."""
     source = build(tmp_path / "in.psd", "RGB", 8)
     first = write_variants(source, tmp_path / "first.psd", random_variants(24, 32), NAMES, GROUP)
-    _, earlier = check_group(first, NAMES)
+    first_psd, earlier = check_group(first, NAMES)
     header = read_record(first).header
     visible, _ = layer_raw(earlier[0], header)  # the stored composite of "first"
     chosen, _ = layer_raw(earlier[1], header)
     document = fresh_record(first)
-    record = document._get_layer_info().layer_records[-3]  # "seed 99 ...", below "seed 1234"
+    index = record_index(first_psd, earlier[1])  # "seed 99 ...", below "seed 1234"
+    record = document._get_layer_info().layer_records[index]
     record.left, record.top, record.right, record.bottom = 3, 2, 35, 26
     moved = tmp_path / "moved.psd"
     with open(moved, "wb") as fh:
@@ -556,7 +558,7 @@ def test_pin_base_moved_variant_is_laid_over_the_composite(tmp_path):
         ["seed 8"],
         "g",
         pin=pin,
-        pin_base=(GROUP, NAMES[1]),
+        pin_base=index,
     )
     _, layers = check_group(output, ["seed 8"], "g")
     colour, _ = layer_raw(layers[0], header)

@@ -108,7 +108,7 @@ class WatchService:
                 return Renderer(defaults=defaults, policy=self.policy)
 
         if header_check is None:
-            from psd_collage.psd.reader import check_header as header_check
+            from psd_collage.psd.header import check_header as header_check
         self.farm = None
         if opts.broker:
             from .dispatch import FarmDispatcher

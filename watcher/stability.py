@@ -3,7 +3,7 @@
 Copies over a network arrive in chunks, sometimes with pauses; saving from
 Photoshop rewrites the file. So a file is only *ready* after its size and
 mtime (and those of its sidecar) have not changed for ``window`` seconds and
-its header checks out (the reader's ``check_header`` also checks that every
+its header checks out (``psd_collage.psd.header.check_header`` also checks that every
 section the header announces is there). A file that is not a PSD at all (a JPEG
 renamed .psd) is *rejected* (it goes to failed/) once stable. A file that is an
 incomplete PSD is never rejected: a copy over Wi-Fi or VPN can stall for as long

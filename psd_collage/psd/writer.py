@@ -63,6 +63,10 @@ _DTYPES: dict[int, np.dtype] = {
 _FULL_SCALE: dict[int, float] = {8: 255.0, 16: 65535.0, 32: 1.0}
 _CHANNELS = {name: count for name, count in _MODES.values()}
 
+#: Pinned pixels of fractional weight are blended one by one while they are at most
+#: 1/this of a strip (feathered edges); more than that, dense passes are faster.
+_SPARSE_BLEND_DIVISOR = 8
+
 # Rows are converted a strip at a time so that an 8000 x 6000 variant costs one
 # strip of float32 scratch, not several full-canvas float arrays.
 _STRIP_PIXELS = 1 << 22
@@ -100,7 +104,7 @@ def write_variants(
     names: Sequence[str],
     group_name: str,
     pin: np.ndarray | None = None,
-    pin_base: tuple[str, str] | None = None,
+    pin_base: int | None = None,
     in_place_backup: bool = True,
     *,
     compression: Compression | None = None,
@@ -111,7 +115,8 @@ def write_variants(
     visible, the others hidden, and the first also becomes the flattened image.
     ``pin`` (H, W) weighs the source's own native pixels back in before quantising, so
     where it is 1 the output equals the source bit for bit. The source is the
-    document's composite, or with ``pin_base=(group, layer)`` that earlier variant.
+    document's composite, or with ``pin_base`` (a record index, as the reader's
+    :class:`~psd_collage.collage.BaseImage` gives it) that earlier variant.
     ``destination == source`` means in place: ``NAME.psd.bak`` is kept first (unless
     ``in_place_backup`` is False) and the file is replaced atomically. ``compression``
     overrides :func:`layer_compression` (for measurements).
@@ -291,9 +296,7 @@ def _document_source(document: PSD, n_color: int) -> np.ndarray:
     return _quantise(color.transpose(2, 0, 1)[:n_color] * _FULL_SCALE[depth], depth)
 
 
-def _pin_source(
-    document: PSD, path: Path, n_color: int, pin_base: tuple[str, str] | None
-) -> np.ndarray:
+def _pin_source(document: PSD, path: Path, n_color: int, pin_base: int | None) -> np.ndarray:
     """Native pixels that pinned regions keep: the composite or an earlier variant."""
     if pin_base is None:
         return _document_source(document, n_color)
@@ -307,7 +310,7 @@ def _pin_source(
             planes[int(info.id)] = np.frombuffer(raw, _DTYPES[header.depth]).reshape(height, width)
     if any(index not in planes for index in range(n_color)):
         raise CollageError(
-            f"layer {pin_base[1]!r} in group {pin_base[0]!r} has no pixels to keep; "
+            f"the earlier variant {_name(record)!r} has no pixels to keep; "
             "pick another variant or run without editing",
             path=path,
         )
@@ -346,61 +349,22 @@ def _pin_source(
 
 
 def _find_variant(
-    document: PSD, path: Path, pin_base: tuple[str, str]
+    document: PSD, path: Path, record_index: int
 ) -> tuple[LayerRecord, ChannelDataList]:
-    """The layer ``pin_base[1]`` directly inside the top-level group ``pin_base[0]``.
-
-    The topmost match wins: that is the most recent run when two share a name.
-    """
-    group_name, layer_name = pin_base
+    """The layer record at ``record_index``: the variant the reader chose."""
     info = document._get_layer_info()
-    entries = list(zip(info.layer_records, info.channel_image_data, strict=False)) if info else []
-    for position, (record, _) in _children(entries, len(entries)):
-        if _divider_kind(record) not in _FOLDERS or _name(record) != group_name:
-            continue
-        for _, (child, channels) in _children(entries, position):
-            if _name(child) != layer_name:
-                continue
-            if _divider_kind(child) is not None or _is_special(child):
-                raise CollageError(
-                    f"layer {layer_name!r} in group {group_name!r} is not a pixel layer; "
-                    "pick another variant",
-                    path=path,
-                )
-            return child, channels
-    raise CollageError(
-        f"no layer {layer_name!r} in a top-level group {group_name!r}; "
-        "keep the earlier [harmonized] group and its layers as they were written",
-        path=path,
-    )
-
-
-_FOLDERS = (SectionDivider.OPEN_FOLDER, SectionDivider.CLOSED_FOLDER)
-
-
-def _children(
-    entries: list[tuple[LayerRecord, ChannelDataList]], end: int
-) -> list[tuple[int, tuple[LayerRecord, ChannelDataList]]]:
-    """Direct children, top first, of the group whose record is ``entries[end]``.
-
-    Records are stored bottom to top and a group's record comes after its children,
-    closed below them by an end marker; ``end == len(entries)`` gives the top level.
-    """
-    children = []
-    nesting = 0
-    for position in range(end - 1, -1, -1):
-        entry = entries[position]
-        kind = _divider_kind(entry[0])
-        if kind == SectionDivider.BOUNDING_SECTION_DIVIDER:
-            if nesting == 0:
-                break
-            nesting -= 1
-            continue
-        if nesting == 0:
-            children.append((position, entry))
-        if kind in _FOLDERS:
-            nesting += 1
-    return children
+    if info is None or not 0 <= record_index < len(info.layer_records):
+        raise CollageError(
+            "the earlier variant to edit is no longer in the file; keep the earlier "
+            "[harmonized] group and its layers as they were written",
+            path=path,
+        )
+    record = info.layer_records[record_index]
+    if _divider_kind(record) is not None or _is_special(record):
+        raise CollageError(
+            f"layer {_name(record)!r} is not a pixel layer; pick another variant", path=path
+        )
+    return record, info.channel_image_data[record_index]
 
 
 def _divider_kind(record: LayerRecord) -> SectionDivider | None:
@@ -482,7 +446,7 @@ def _native_planes(
             weight = np.asarray(pin[top:bottom], np.float32)
             partial = (weight > 0.0) & (weight < 1.0)
             count = int(np.count_nonzero(partial))
-            if 0 < count <= partial.size // 8:  # feathered edges: only those pixels
+            if 0 < count <= partial.size // _SPARSE_BLEND_DIVISOR:  # feathered edges only
                 share = weight[partial]
                 kept = pinned[:, top:bottom][:, partial].astype(np.float32)
                 work[:, partial] = kept * share + work[:, partial] * (1.0 - share)

@@ -57,7 +57,7 @@ def inspect(file: Path, as_json: bool, sheet: Path | None) -> None:
         settings = settings.updated(read_sidecar(side), where=str(side))
     collage = read_collage(file, settings)
     if sheet is not None:
-        write_sheet(collage, sheet, settings)
+        write_sheet(collage, sheet)
     if as_json:
         click.echo(json.dumps(inspect_data(collage), ensure_ascii=False))
     else:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .settings import LayerOptions
+from .settings import SETTINGS, LayerOptions
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom in document pixels
 
@@ -98,6 +98,7 @@ class Collage:
     composite: np.ndarray  # (H, W, 3) uint8 sRGB: the flattened collage, adjustments applied
     base: BaseImage | None = None
     warnings: list[str] = field(default_factory=list)
+    background_noise: float = SETTINGS["noise"].default  # where no layer covers the canvas
 
     @property
     def editing(self) -> bool:

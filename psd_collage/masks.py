@@ -70,10 +70,10 @@ def start_image(collage: Collage) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def noise_map(collage: Collage, default_noise: float) -> np.ndarray:
+def noise_map(collage: Collage) -> np.ndarray:
     """Each layer's noise painted through its visible mask, (H, W) float32, unblurred.
 
-    The uncovered background gets ``default_noise``. In an edit only ``redo``
+    The uncovered background gets ``collage.background_noise``. In an edit only ``redo``
     layers may change: everything else is 0 (pinned to the base).
     """
     size = collage.document.size
@@ -81,7 +81,7 @@ def noise_map(collage: Collage, default_noise: float) -> np.ndarray:
     if editing:
         out = np.zeros((size[1], size[0]), np.float32)
     else:
-        out = background_mask(collage.layers, size) * np.float32(default_noise)
+        out = background_mask(collage.layers, size) * np.float32(collage.background_noise)
     for layer in collage.layers:
         if editing and not layer.redo:
             continue

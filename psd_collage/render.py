@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,17 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from . import masks
-from .atomic import atomic_write
-from .collage import Collage, CollageLayer, to_u8
+from .collage import Collage
 from .errors import CollageError
+from .geometry import DocumentSized, composite_up_to, resize_rgb, visible_mask_at
 from .policy import Policy
+from .preview import preview_path, preview_source, write_preview
 from .settings import Settings, read_sidecar, sidecar_path, validate_settings
 
 #: progress(phase, done, total); phases: "load", "ti", "sample", "write".
 Progress = Callable[[str, int, int], None]
+
+#: Seeds are drawn below this when the settings give none (fits every sampler's generator).
+SEED_RANGE = 2**31
 
 
 @dataclass
@@ -57,10 +60,6 @@ class RenderResult:
 def default_output(path: Path) -> Path:
     """``poster.psd`` -> ``poster.harmonized.psd`` (PSB stays PSB)."""
     return path.with_name(f"{path.stem}.harmonized{path.suffix}")
-
-
-def preview_path(output: Path) -> Path:
-    return output.with_suffix(".preview.png")
 
 
 def embeddings_path(output: Path) -> Path:
@@ -114,105 +113,107 @@ class Renderer:
         progress: Progress | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> RenderResult:
-        """Render one file. The input is never modified unless ``in_place``."""
+        """Render one file. The input is never modified unless ``in_place``.
+
+        Data flows one way: read the collage, learn its textual-inversion tokens, plan
+        the request with them, generate, write.
+        """
         from .psd.header import document_size
-        from .psd.names import HARMONIZED_PREFIX
         from .psd.reader import read_collage
-        from .psd.writer import write_variants
 
         path = Path(path)
-        output = path if in_place else Path(output) if output else default_output(path)
-        if not in_place and output.resolve() == path.resolve():
-            raise CollageError(
-                "the output would replace the input; use --in-place to do that (a .bak copy is "
-                "kept) or choose another output",
-                path=path,
-            )
-        timings: dict[str, float] = {}
-        notify = progress or (lambda phase, done, total: None)
-
-        with _timed(timings, "read"):
+        job = _Job(path, _output_for(path, output, in_place), progress, cancel)
+        with _timed(job.timings, "read"):
             settings = self.settings_for(path, sidecar)
             if preview is not None:
                 settings = settings.updated({"preview": preview})
             if self.policy is not None:
                 self.policy.check_canvas(document_size(path), settings.max_pixels, path=path)
             collage = read_collage(path, settings)
-
-        with _timed(timings, "load"):
-            notify("load", 0, 1)
+        with _timed(job.timings, "load"):
+            job.notify("load", 0, 1)
             engine = self.engine_for(settings)
-            notify("load", 1, 1)
+            job.notify("load", 1, 1)
         if self.policy is not None and settings.resolution is None:
             self.policy.check_working_resolution(engine.native_resolution, path=path)
-
-        plan = plan_render(
-            collage, settings, engine.working_size(collage.document.size, settings.resolution)
-        )
-
-        embeddings = None
-        if plan.ti_layers:
-            with _timed(timings, "ti"):
-                tokens = _learn_layer_tokens(engine, collage, plan, settings, notify, cancel)
-            if settings.export_ti:
-                from .engine.textual_inversion import export_embeddings
-
-                embeddings = export_embeddings(engine, tokens, embeddings_path(output))
-
-        from .engine import GenerationRequest
-
-        seed = settings.seed if settings.seed is not None else random.randrange(2**31)
-        seeds = [seed + k for k in range(settings.variants)]
-        request = GenerationRequest(
-            image=plan.image,
-            strength=plan.strength,
-            prompt=plan.prompt,
-            negative_prompt=collage.negative_prompt,
-            phrases=plan.phrases,
-            seeds=seeds,
-            steps=settings.steps,
-            guidance=settings.guidance,
-        )
+        noise = changeable_noise(collage)
+        work_size = engine.working_size(collage.document.size, settings.resolution)
+        tokens = self._learn_tokens(engine, collage, settings, work_size, job)
+        plan = plan_render(collage, settings, work_size, noise, tokens)
+        seed = settings.seed if settings.seed is not None else random.randrange(SEED_RANGE)
+        request = plan.request(collage.negative_prompt, seed, settings)
         result = engine.generate(
-            request, progress=lambda done, total: notify("sample", done, total), cancel=cancel
+            request, progress=lambda done, total: job.notify("sample", done, total), cancel=cancel
         )
-        timings.update(result.timings)
-
-        with _timed(timings, "write"):
-            notify("write", 0, 1)
-            names = [f"seed {s}" for s in seeds]
-            model_label = Path(str(engine.model_name)).name or str(engine.model_name)
-            group = f"{HARMONIZED_PREFIX} {datetime.now():%Y-%m-%d %H:%M} {model_label}"
-            full = _DocumentSized(result.images, collage.document.size)
-            pin = masks.pin_weights(plan.noise, plan.work_size)
-            base = collage.base.record_index if collage.editing else None
-            source = _preview_source(masks.start_image(collage)) if settings.preview else None
-            negative, warnings = collage.negative_prompt, list(collage.warnings)
-            del collage, plan  # free the layers' pixels and masks before the writer needs memory
-            write_variants(path, output, full, names, group, pin=pin, pin_base=base)
-            preview_file = None
-            if source is not None:
-                preview_file = write_preview(preview_path(output), source, result.images, pin)
-            notify("write", 1, 1)
-
+        job.timings.update(result.timings)
+        negative, warnings = collage.negative_prompt, collage.warnings + list(result.warnings)
+        output = _WriteInputs.of(collage, plan, settings)
+        del collage, plan, noise  # free the layers, masks and maps before the writer needs memory
+        preview_file = self._write(engine, output, result.images, request.seeds, job)
         used = settings.as_dict()
-        used.update(
-            seed=seed,
-            prompt=result.prompt,
-            negative=negative,
-            model=engine.model_name,
-        )
-        used["working_size"] = list(request.image.shape[1::-1])
+        used.update(seed=seed, prompt=result.prompt, negative=negative, model=engine.model_name)
+        used["working_size"] = list(work_size)
         return RenderResult(
             input=path,
-            output=output,
+            output=job.output,
             preview=preview_file,
-            variants=[{"seed": s, "layer": n} for s, n in zip(seeds, names, strict=True)],
+            variants=[{"seed": s, "layer": _variant_name(s)} for s in request.seeds],
             settings=used,
-            timings=timings,
-            warnings=warnings + list(result.warnings),
-            embeddings=embeddings,
+            timings=job.timings,
+            warnings=warnings,
+            embeddings=job.embeddings,
         )
+
+    def _learn_tokens(
+        self,
+        engine: Any,
+        collage: Collage,
+        settings: Settings,
+        work_size: tuple[int, int],
+        job: _Job,
+    ) -> dict[str, str]:
+        """Caption -> learned token for the layers asking for textual inversion (or none)."""
+        indices = inversion_layers(collage, settings)
+        if not indices:
+            return {}
+        from .engine.textual_inversion import export_embeddings
+
+        with _timed(job.timings, "ti"):
+            tokens = learn_layer_tokens(engine, collage, indices, settings, work_size, job)
+        if settings.export_ti:
+            job.embeddings = export_embeddings(
+                engine, list(tokens.values()), embeddings_path(job.output)
+            )
+        return tokens
+
+    def _write(
+        self,
+        engine: Any,
+        inputs: _WriteInputs,
+        images: list[np.ndarray],
+        seeds: list[int],
+        job: _Job,
+    ) -> Path | None:
+        """The variants into the PSD, and the preview if asked for; the preview's path."""
+        from .psd.names import HARMONIZED_PREFIX
+        from .psd.writer import write_variants
+
+        with _timed(job.timings, "write"):
+            job.notify("write", 0, 1)
+            model_label = Path(str(engine.model_name)).name or str(engine.model_name)
+            group = f"{HARMONIZED_PREFIX} {datetime.now():%Y-%m-%d %H:%M} {model_label}"
+            full = DocumentSized(images, inputs.size)
+            names = [_variant_name(s) for s in seeds]
+            write_variants(
+                job.path, job.output, full, names, group, pin=inputs.pin, pin_base=inputs.base
+            )
+            preview_file = None
+            if inputs.preview_source is not None:
+                preview_file = write_preview(
+                    preview_path(job.output), inputs.preview_source, images, inputs.pin
+                )
+            job.notify("write", 1, 1)
+        return preview_file
 
 
 def render_file(
@@ -220,6 +221,58 @@ def render_file(
 ) -> RenderResult:
     """One-off convenience: ``render_file("poster.psd", model="tiny", variants=2)``."""
     return Renderer(overrides=settings).render_file(path, output)
+
+
+@dataclass
+class _Job:
+    """One file's render: where it goes, how to report, what it measured."""
+
+    path: Path
+    output: Path
+    progress: Progress | None
+    cancel: Callable[[], bool] | None
+    timings: dict[str, float] = field(default_factory=dict)
+    embeddings: Path | None = None
+
+    def notify(self, phase: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(phase, done, total)
+
+
+@dataclass
+class _WriteInputs:
+    """What the writer needs from the collage, so that the collage can be freed first."""
+
+    size: tuple[int, int]  # the document's (width, height)
+    pin: np.ndarray  # (H, W) float32: 1 where the source's pixels are kept exactly
+    base: int | None  # record index of the earlier variant an edit starts from
+    preview_source: np.ndarray | None  # the start image at preview height, if asked for
+
+    @classmethod
+    def of(cls, collage: Collage, plan: RenderPlan, settings: Settings) -> _WriteInputs:
+        source = masks.start_image(collage) if settings.preview else None
+        return cls(
+            size=collage.document.size,
+            pin=masks.pin_weights(plan.noise, plan.work_size),
+            base=collage.base.record_index if collage.editing else None,
+            preview_source=preview_source(source) if source is not None else None,
+        )
+
+
+def _output_for(path: Path, output: str | Path | None, in_place: bool) -> Path:
+    out = path if in_place else Path(output) if output else default_output(path)
+    if not in_place and out.resolve() == path.resolve():
+        raise CollageError(
+            "the output would replace the input; use --in-place to do that (a .bak copy is "
+            "kept) or choose another output",
+            path=path,
+        )
+    return out
+
+
+def _variant_name(seed: int) -> str:
+    """The variant layer's name in the [harmonized] group."""
+    return f"seed {seed}"
 
 
 # ---------------------------------------------------------------------------
@@ -233,180 +286,125 @@ class RenderPlan:
     image: np.ndarray  # (h, w, 3) float32 at the working size
     noise: np.ndarray  # (H, W) float32 at document size, unblurred
     strength: np.ndarray  # (h, w) float32, blurred
-    prompt: str
-    phrases: list  # engine SteeredPhrase
-    ti_layers: list[int] = field(default_factory=list)  # indices into collage.layers
+    prompt: str  # the collage's prompt, learned tokens in front of their captions
+    phrases: list  # engine SteeredPhrase, learned tokens included
+
+    def request(self, negative: str, seed: int, settings: Settings):
+        """The engine request: one variant per seed from ``seed`` on."""
+        from .engine import GenerationRequest
+
+        return GenerationRequest(
+            image=self.image,
+            strength=self.strength,
+            prompt=self.prompt,
+            negative_prompt=negative,
+            phrases=self.phrases,
+            seeds=[seed + k for k in range(settings.variants)],
+            steps=settings.steps,
+            guidance=settings.guidance,
+        )
 
 
-def plan_render(collage: Collage, settings: Settings, work_size: tuple[int, int]) -> RenderPlan:
-    """Everything the engine needs, at the working resolution."""
-    from .engine import SteeredPhrase
-
-    noise = masks.noise_map(collage, settings.noise)
+def changeable_noise(collage: Collage) -> np.ndarray:
+    """The unblurred noise map; an error if it is zero everywhere (nothing may change)."""
+    noise = masks.noise_map(collage)
     if not noise.any():
         raise CollageError(
             "every layer is locked (noise 0), so nothing may change: unlock a layer or give it a noise tag",
             path=collage.document.path,
         )
-    image = _resize_rgb(masks.start_image(collage), work_size)
-    strength = masks.strength_map(noise, work_size)
-    phrases, ti_layers = [], []
+    return noise
+
+
+def inversion_layers(collage: Collage, settings: Settings) -> list[int]:
+    """Indices of the layers that get textual inversion (a warning for those that cannot)."""
+    chosen = []
     for index, layer in enumerate(collage.layers):
-        if layer.options.ti if layer.options.ti is not None else settings.ti:
-            if layer.caption and layer.visible_area > 0:
-                ti_layers.append(index)
-            else:
-                collage.warnings.append(
-                    f"layer {layer.name!r}: textual inversion needs a caption and visible "
-                    "pixels; skipped"
-                )
+        if not (layer.options.ti if layer.options.ti is not None else settings.ti):
+            continue
+        if layer.caption and layer.visible_area > 0:
+            chosen.append(index)
+        else:
+            collage.warnings.append(
+                f"layer {layer.name!r}: textual inversion needs a caption and visible "
+                "pixels; skipped"
+            )
+    return chosen
+
+
+def plan_render(
+    collage: Collage,
+    settings: Settings,
+    work_size: tuple[int, int],
+    noise: np.ndarray | None = None,
+    tokens: Mapping[str, str] | None = None,
+) -> RenderPlan:
+    """Everything the engine needs, at the working resolution.
+
+    ``tokens`` (caption -> learned token) go in front of their captions, in the phrases
+    and in the prompt.
+    """
+    from .engine import SteeredPhrase
+
+    noise = changeable_noise(collage) if noise is None else noise
+    tokens = tokens or {}
+    prompt = collage.prompt
+    for caption, token in tokens.items():
+        if any(layer.steered and layer.caption == caption for layer in collage.layers):
+            prompt = prompt.replace(caption, f"{token} {caption}", 1)
+    phrases = []
+    for layer in collage.layers:
         if not layer.steered:
             continue
         default_inside, default_outside = masks.default_attention_weights(layer.visible_area)
         inside = layer.options.inside if layer.options.inside is not None else default_inside
         outside = layer.options.outside if layer.options.outside is not None else default_outside
-        mask = layer_at(layer, collage.document.size, work_size)[..., 4]
-        phrases.append(SteeredPhrase(text=layer.caption, mask=mask, inside=inside, outside=outside))
-    return RenderPlan(work_size, image, noise, strength, collage.prompt, phrases, ti_layers)
-
-
-def layer_at(
-    layer: CollageLayer, doc_size: tuple[int, int], work_size: tuple[int, int]
-) -> np.ndarray:
-    """The layer on a working-size canvas: (h, w, 5) float32 = RGB, alpha, visible mask."""
-    (doc_w, doc_h), (work_w, work_h) = doc_size, work_size
-    sx, sy = work_w / doc_w, work_h / doc_h
-    left, top, right, bottom = layer.box
-    x0, y0 = int(np.floor(left * sx)), int(np.floor(top * sy))
-    x1, y1 = max(x0 + 1, int(np.ceil(right * sx))), max(y0 + 1, int(np.ceil(bottom * sy)))
-    x1, y1 = min(x1, work_w), min(y1, work_h)
-    planes = np.concatenate(
-        [layer.pixels.astype(np.float32) / 255.0, layer.visible[..., None].astype(np.float32)],
-        axis=2,
+        token = tokens.get(layer.caption)
+        text = f"{token} {layer.caption}" if token else layer.caption
+        mask = visible_mask_at(layer, collage.document.size, work_size)
+        phrases.append(SteeredPhrase(text=text, mask=mask, inside=inside, outside=outside))
+    return RenderPlan(
+        work_size=work_size,
+        image=resize_rgb(masks.start_image(collage), work_size),
+        noise=noise,
+        strength=masks.strength_map(noise, work_size),
+        prompt=prompt,
+        phrases=phrases,
     )
-    # Crop-resize the layer's box onto the cells [x0, x1) x [y0, y1) it touches; the cells
-    # reach up to one cell past the box, so pad with transparency (PIL wants the box inside).
-    pad = int(np.ceil(max(1 / sx, 1 / sy))) + 1
-    planes = np.pad(planes, ((pad, pad), (pad, pad), (0, 0)))
-    box = (x0 / sx - left + pad, y0 / sy - top + pad, x1 / sx - left + pad, y1 / sy - top + pad)
-    out = np.zeros((work_h, work_w, 5), np.float32)
-    for c in range(5):
-        plane = Image.fromarray(np.ascontiguousarray(planes[..., c]), mode="F")
-        out[y0:y1, x0:x1, c] = np.asarray(
-            plane.resize((x1 - x0, y1 - y0), Image.Resampling.BOX, box=box), np.float32
-        )
-    return out
 
 
-def composite_up_to(collage: Collage, index: int, work_size: tuple[int, int]) -> np.ndarray:
-    """The collage composited from the back up to layer ``index`` (the textual-inversion image)."""
-    work_w, work_h = work_size
-    out = np.full((work_h, work_w, 3), 0.5, np.float32)  # neutral grey where nothing is yet
-    for layer in collage.layers[: index + 1]:
-        planes = layer_at(layer, collage.document.size, work_size)
-        alpha = planes[..., 3:4]
-        out = out * (1 - alpha) + planes[..., :3] * alpha
-    return out
-
-
-def _learn_layer_tokens(engine, collage, plan, settings, notify, cancel) -> list[str]:
-    """Learn (or load from the cache) one token per TI layer and put it before its caption."""
+def learn_layer_tokens(
+    engine: Any,
+    collage: Collage,
+    indices: list[int],
+    settings: Settings,
+    work_size: tuple[int, int],
+    job: _Job,
+) -> dict[str, str]:
+    """Learn (or load from the cache) one token per layer; caption -> token."""
     from .engine.textual_inversion import InversionSettings, InversionTarget, learn_tokens
 
+    size = collage.document.size
     targets = [
         InversionTarget(
             name=collage.layers[i].name,
-            image=composite_up_to(collage, i, plan.work_size),
-            mask=layer_at(collage.layers[i], collage.document.size, plan.work_size)[..., 4],
+            image=composite_up_to(collage, i, work_size),
+            mask=visible_mask_at(collage.layers[i], size, work_size),
             caption=collage.layers[i].caption,
         )
-        for i in plan.ti_layers
+        for i in indices
     ]
-    ti = InversionSettings(
+    recipe = InversionSettings(
         steps=settings.ti_steps, lr=settings.ti_lr, batch=settings.ti_batch, seed=settings.seed or 0
     )
     tokens = learn_tokens(
-        engine, targets, ti, progress=lambda d, t: notify("ti", d, t), cancel=cancel
+        engine,
+        targets,
+        recipe,
+        progress=lambda done, total: job.notify("ti", done, total),
+        cancel=job.cancel,
     )
-    by_caption = {
-        collage.layers[i].caption: tok for i, tok in zip(plan.ti_layers, tokens, strict=True)
-    }
-    for phrase in plan.phrases:
-        token = by_caption.get(phrase.text)
-        if token is None:
-            continue
-        tokened = f"{token} {phrase.text}"
-        if phrase.text in plan.prompt:
-            plan.prompt = plan.prompt.replace(phrase.text, tokened, 1)
-        phrase.text = tokened
-    return tokens
-
-
-# ---------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------
-
-
-PREVIEW_HEIGHT = 384
-
-
-class _DocumentSized(Sequence):
-    """The variants upscaled to document size one at a time, as the writer asks for them.
-
-    Holding four 8000 x 6000 float variants at once would cost 2.3 GB.
-    """
-
-    def __init__(self, images: Sequence[np.ndarray], size: tuple[int, int]) -> None:
-        self._images, self._size = images, size
-
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        image = self._images[index]
-        if image.shape[1::-1] == tuple(self._size):
-            return image.astype(np.float32, copy=False)
-        return _resize_rgb(to_u8(image), self._size)
-
-
-def _resize_rgb(image_u8: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 (H, W, 3) -> float32 (h, w, 3) in [0, 1] at ``size`` (width, height)."""
-    pil = Image.fromarray(image_u8, "RGB")
-    if pil.size != tuple(size):
-        pil = pil.resize(size, Image.Resampling.LANCZOS)
-    return np.asarray(pil, np.float32) / 255.0
-
-
-def _preview_source(image: np.ndarray, height: int = PREVIEW_HEIGHT) -> np.ndarray:
-    """The source picture shrunk to preview height now, so the full-size one can be freed."""
-    pil = Image.fromarray(image, "RGB")
-    width = max(1, round(pil.width * height / pil.height))
-    return np.asarray(pil.resize((width, height), Image.Resampling.LANCZOS))
-
-
-def write_preview(
-    path: Path,
-    source: np.ndarray,
-    variants: Sequence[np.ndarray],
-    pin: np.ndarray | None = None,
-    height: int = PREVIEW_HEIGHT,
-) -> Path:
-    """Source and variants side by side, so results can be browsed without Photoshop.
-
-    The variants show what the PSD layers hold: pinned pixels pasted back from the source.
-    """
-    doc_h, doc_w = source.shape[:2]
-    size = (max(1, round(doc_w * height / doc_h)), height)
-    base = _resize_rgb(source, size)
-    weight = masks.resize_map(pin, size)[..., None] if pin is not None else 0.0
-    tiles = [base] + [_resize_rgb(to_u8(v), size) * (1 - weight) + base * weight for v in variants]
-    gap = 8
-    sheet = Image.new("RGB", (len(tiles) * (size[0] + gap) - gap, height), "white")
-    for k, tile in enumerate(tiles):
-        sheet.paste(Image.fromarray(to_u8(tile), "RGB"), (k * (size[0] + gap), 0))
-    return atomic_write(path, lambda fh: sheet.save(fh, format="PNG"))
+    return {collage.layers[i].caption: tok for i, tok in zip(indices, tokens, strict=True)}
 
 
 @contextmanager

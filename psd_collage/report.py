@@ -18,7 +18,6 @@ from PIL import Image, ImageDraw, ImageFont
 from . import masks
 from .atomic import atomic_write
 from .collage import Collage, to_u8
-from .settings import Settings
 
 #: Longest side of a contact-sheet tile, in pixels.
 TILE = 256
@@ -115,7 +114,7 @@ def format_table(collage: Collage) -> str:
     return "\n".join(lines)
 
 
-def write_sheet(collage: Collage, path: Path, settings: Settings) -> Path:
+def write_sheet(collage: Collage, path: Path) -> Path:
     """Write the contact sheet PNG (atomically) and return its path."""
     path = Path(path)
     size = collage.document.size
@@ -133,7 +132,7 @@ def write_sheet(collage: Collage, path: Path, settings: Settings) -> Path:
         if not layer.steered:
             detail += " · not steered"
         tiles.append((_mask_tile(layer, scale, tile_size), label, detail))
-    noise = masks.strength_map(masks.noise_map(collage, settings.noise), tile_size)
+    noise = masks.strength_map(masks.noise_map(collage), tile_size)
     tiles.append((_heat_tile(noise), "noise map", "0 kept, 1 repainted"))
 
     sheet = _layout(tiles, tile_size, title=_sheet_title(collage))

@@ -19,11 +19,11 @@ def _layer(name: str, box, color=(255, 0, 0), noise=0.5, alpha=255, **opts) -> C
     return CollageLayer(name, name, LayerOptions(**opts), pixels, box, noise=noise)
 
 
-def _collage(layers, size=(100, 80), base=None) -> Collage:
+def _collage(layers, size=(100, 80), base=None, background_noise=0.7) -> Collage:
     doc = DocumentInfo(Path("x.psd"), size[0], size[1], "RGB", 8)
     masks.assign_visible_masks(layers, size)
     composite = np.full((size[1], size[0], 3), 128, np.uint8)
-    return Collage(doc, "p", "", layers, composite, base=base)
+    return Collage(doc, "p", "", layers, composite, base=base, background_noise=background_noise)
 
 
 def test_front_layer_hides_what_is_behind_it() -> None:
@@ -48,7 +48,7 @@ def test_noise_map_paints_each_layer_and_background_default() -> None:
     car = _layer("car", (0, 0, 50, 80), noise=0.2)
     locked = _layer("sign", (60, 0, 80, 20), noise=0.0, lock=True)
     collage = _collage([car, locked])
-    noise = masks.noise_map(collage, default_noise=0.7)
+    noise = masks.noise_map(collage)
     assert noise[40, 10] == np.float32(0.2)
     assert noise[10, 70] == 0.0  # locked
     assert noise[70, 90] == np.float32(0.7)  # uncovered background
@@ -60,7 +60,7 @@ def test_edit_pins_everything_but_redo_layers() -> None:
     dog = _layer("dog", (60, 0, 100, 80), noise=0.6)
     collage = _collage([car, dog], base=base)
     assert collage.editing
-    noise = masks.noise_map(collage, default_noise=0.7)
+    noise = masks.noise_map(collage)
     assert noise[:, :50].min() == np.float32(0.6) and noise[:, 50:].max() == 0.0
     start = masks.start_image(collage)
     assert (start[:, :50] == (0, 255, 0)).all()  # the redo layer pasted on the base

@@ -70,7 +70,7 @@ def test_table_is_aligned_even_with_wide_characters(collage) -> None:
 
 def test_sheet_shows_collage_masks_and_noise_map(collage, tmp_path: Path) -> None:
     out = tmp_path / "sheet.png"
-    assert report.write_sheet(collage, out, Settings(noise=0.5)) == out
+    assert report.write_sheet(collage, out) == out
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
     sheet = np.asarray(Image.open(out).convert("RGB")).astype(int)
     scale = min(1.0, report.TILE / 128)  # tiles are scaled down to TILE, never up
@@ -112,7 +112,7 @@ def test_heat_ramp_runs_from_kept_to_repainted() -> None:
 def test_sheet_of_the_sample_is_scaled_down(tmp_path: Path) -> None:
     sample = Path(__file__).resolve().parents[1] / "samples" / "picnic.psd"
     collage = read_collage(sample)
-    out = report.write_sheet(collage, tmp_path / "picnic.png", Settings())
+    out = report.write_sheet(collage, tmp_path / "picnic.png")
     with Image.open(out) as image:
         width, height = image.size
     tile_w, tile_h = 256, round(512 * 256 / 768)

@@ -1,4 +1,4 @@
-"""The hot folder: ``psd-collage watch ROOT`` (see DESIGN.md section 4).
+"""The hot folder: ``psd-collage watch ROOT`` (see docs/design.md section 4).
 
 Designers drop PSD/PSB files into ``ROOT/inbox``; each stable file is claimed
 into ``ROOT/work``, harmonized with one warm renderer, and ends in exactly one

@@ -1,4 +1,4 @@
-"""Per-layer textual inversion (DESIGN.md 2.3): one learned token per layer, cached on disk.
+"""Per-layer textual inversion (docs/design.md 2.3): one learned token per layer, cached on disk.
 
 For each target (a layer, with the collage composited up to it) a new token is
 added to every tokenizer of the engine and its embedding row is trained, in

@@ -1,6 +1,6 @@
 """On-disk cache of learned textual-inversion tokens.
 
-Dropping the same PSD again must cost nothing (DESIGN.md 2.3), so each learned
+Dropping the same PSD again must cost nothing (docs/design.md 2.3), so each learned
 token is stored under a key that covers everything the training result depends
 on: the model (name, kind and a cheap fingerprint of its weights), the training
 image, the mask, the caption, the training settings and this file's format.

@@ -140,6 +140,7 @@ class _Reader:
             composite=composite,
             base=base,
             warnings=self.warnings,
+            background_noise=self.settings.noise,
         )
         if any(layer.redo for layer in layers) and base is None:
             self.warnings.append(

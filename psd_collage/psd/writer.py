@@ -7,7 +7,7 @@ with channel ids other readers accept, and a 8000 x 6000 document must not be
 recomposited just to refresh the flattened image we already hold (the visible variant
 is an opaque full-canvas layer on top, so it *is* the document's composite).
 
-Each psd-tools pitfall from DESIGN.md section 3 is worked around in exactly one place
+Each psd-tools pitfall from docs/design.md section 3 is worked around in exactly one place
 below, with a comment saying why.
 """
 

@@ -18,7 +18,7 @@ from psd_collage.options import (
     settings_from_options,
 )
 
-from .service import WatchOptions, WatchService
+from .service import STABLE_SECONDS, WatchOptions, WatchService
 
 
 @click.command("watch")
@@ -37,7 +37,7 @@ from .service import WatchOptions, WatchService
 @click.option(
     "--stable",
     type=click.FloatRange(min=0),
-    default=2.0,
+    default=STABLE_SECONDS,
     show_default=True,
     metavar="SECONDS",
     help="How long a file must stay unchanged before it is taken.",

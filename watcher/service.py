@@ -48,11 +48,17 @@ class RendererLike(Protocol):
     ) -> Any: ...
 
 
+#: Default seconds a dropped file must stay unchanged (size, mtime) before it is taken.
+STABLE_SECONDS = 2.0
+#: Polling interval when the system gives no file events (e.g. the inotify watch limit).
+FALLBACK_POLL_SECONDS = 2.0
+
+
 @dataclass(frozen=True)
 class WatchOptions:
     """How the service watches (render settings are separate: see ``WatchService``)."""
 
-    stable: float = 2.0  # seconds a file must stay unchanged before it is taken
+    stable: float = STABLE_SECONDS  # how long a file must stay unchanged before it is taken
     poll: float | None = None  # seconds between polls; None: native events (inotify, FSEvents)
     once: bool = False  # process what is there, then exit
     rescan: float = 10.0  # safety-net rescan of inbox/ and work/ (events can be missed)
@@ -532,8 +538,12 @@ class WatchService:
             observer.schedule(Wake(), str(self.layout.inbox), recursive=False)
             observer.start()
         except OSError as exc:  # e.g. the inotify watch limit: fall back to polling
-            log.warning("file events unavailable (%s): polling every 2 s instead", exc)
-            observer = PollingObserver(timeout=2.0)
+            log.warning(
+                "file events unavailable (%s): polling every %g s instead",
+                exc,
+                FALLBACK_POLL_SECONDS,
+            )
+            observer = PollingObserver(timeout=FALLBACK_POLL_SECONDS)
             observer.schedule(Wake(), str(self.layout.inbox), recursive=False)
             observer.start()
         return observer

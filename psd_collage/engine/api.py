@@ -32,6 +32,7 @@ from .sampler import (
     decode_latents,
     denoise,
     encode_image,
+    sdxl_time_ids,
     steps_to_run,
     strength_to_latents,
 )
@@ -123,8 +124,10 @@ class Engine:
     # -- placement ---------------------------------------------------------------------
 
     @contextmanager
-    def _on_device(self, *modules: torch.nn.Module) -> Iterator[None]:
-        """With CPU offload, move modules to the device only while they are used."""
+    def on_device(self, *modules: torch.nn.Module) -> Iterator[None]:
+        """Run ``modules`` on the device inside the block (with CPU offload they live in RAM
+        otherwise). Anything that runs the engine's modules itself, such as textual
+        inversion, wraps them in this."""
         if not self.cpu_offload or self.device.type == "cpu":
             yield
             return
@@ -204,20 +207,8 @@ class Engine:
             for phrase in request.phrases
         ]
         prompt, spans, warnings = locate_captions(components.tokenizers, request.prompt, captions)
-        guided = request.guidance > 1.0
-        with self._on_device(*components.text_encoders):
-            cond = encode_prompt(components, prompt, self.device)
-            zeros = (
-                components.force_zeros_for_empty_prompt
-                and self.kind == "sdxl"
-                and not request.negative_prompt.strip()
-            )
-            uncond = (
-                encode_prompt(components, request.negative_prompt, self.device, zeros=zeros)
-                if guided
-                else None
-            )
-        with self._on_device(components.vae):
+        cond, uncond = self._encode_prompts(prompt, request)
+        with self.on_device(components.vae):
             original = encode_image(components.vae, request.image, self.device)
         latent_size = (original.shape[2], original.shape[3])
         strength = strength_to_latents(request.strength, latent_size, self.device)
@@ -249,26 +240,26 @@ class Engine:
             for chunk in chunks:
                 conditioning = self._conditioning(cond, uncond, len(chunk), (height, width))
                 started = time.perf_counter()
-                with self._on_device(components.unet):
+                with self.on_device(components.unet):
                     latents = denoise(
                         components.unet,
                         make_scheduler(self.scheduler_name, components.scheduler.config),
-                        original,
-                        strength,
-                        conditioning,
-                        chunk,
-                        request.steps,
-                        request.guidance,
-                        self.steering,
-                        on_step,
-                        cancel,
+                        original=original,
+                        strength=strength,
+                        conditioning=conditioning,
+                        seeds=chunk,
+                        steps=request.steps,
+                        guidance=request.guidance,
+                        state=self.steering,
+                        on_step=on_step,
+                        cancel=cancel,
                     )
                 timings["sample"] += time.perf_counter() - started
                 if not decode:
                     all_latents.append(latents)
                     continue
                 started = time.perf_counter()
-                with self._on_device(components.vae):
+                with self.on_device(components.vae):
                     images.extend(decode_latents(components.vae, latents))
                 timings["decode"] += time.perf_counter() - started
         finally:
@@ -277,6 +268,24 @@ class Engine:
         return GenerationResult(images, prompt, warnings, timings), stacked, original
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _encode_prompts(
+        self, prompt: str, request: GenerationRequest
+    ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
+        """The prompt's embeddings, and the negative prompt's when guidance needs them."""
+        components = self.components
+        with self.on_device(*components.text_encoders):
+            cond = encode_prompt(components, prompt, self.device)
+            if request.guidance <= 1.0:
+                return cond, None
+            zeros = (
+                components.force_zeros_for_empty_prompt
+                and self.kind == "sdxl"
+                and not request.negative_prompt.strip()
+            )
+            return cond, encode_prompt(
+                components, request.negative_prompt, self.device, zeros=zeros
+            )
 
     def _conditioning(
         self,
@@ -293,14 +302,8 @@ class Engine:
                 pooled = torch.cat([uncond.pooled.repeat(n, 1), pooled])
         added = None
         if self.kind == "sdxl":
-            height, width = size
-            time_ids = torch.tensor(
-                [[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device
-            )
-            added = {
-                "text_embeds": pooled.to(self.dtype),
-                "time_ids": time_ids.repeat(hidden.shape[0], 1),
-            }
+            time_ids = sdxl_time_ids(size, hidden.shape[0], dtype=self.dtype, device=self.device)
+            added = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}
         return Conditioning(hidden, added, cond_start=n if uncond is not None else 0)
 
     def _set_steering(

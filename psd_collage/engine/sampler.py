@@ -27,13 +27,25 @@ from .attention import SteeringState, sigma_weight
 
 
 @torch.no_grad()
+def encode_posterior(
+    vae: AutoencoderKL, image: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, w, 3) float [0, 1] -> the VAE posterior's (mean, std), (1, 4, h/8, w/8) float32,
+    shifted and scaled as the UNet sees latents: ``mean + std * noise`` is a sample.
+
+    The one VAE encoder: the sampler starts from the mean, textual inversion samples it.
+    """
+    pixels = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    pixels = pixels.permute(2, 0, 1)[None].clamp(0.0, 1.0) * 2.0 - 1.0
+    dist = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist
+    shift = vae.config.get("shift_factor") or 0.0
+    scale = vae.config.scaling_factor
+    return (dist.mean.float() - shift) * scale, dist.std.float() * scale
+
+
 def encode_image(vae: AutoencoderKL, image: np.ndarray, device: torch.device) -> torch.Tensor:
     """(h, w, 3) float [0, 1] -> latents (1, 4, h/8, w/8) float32; the posterior mean (deterministic)."""
-    pixels = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    pixels = pixels.permute(2, 0, 1)[None].to(device=device, dtype=vae.dtype) * 2.0 - 1.0
-    latents = vae.encode(pixels).latent_dist.mean.float()
-    shift = vae.config.get("shift_factor") or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    return encode_posterior(vae, image, device)[0]
 
 
 @torch.no_grad()
@@ -83,6 +95,16 @@ def current_sigma(scheduler: SchedulerMixin, index: int, timestep: torch.Tensor)
     return math.sqrt((1.0 - alpha) / alpha)
 
 
+def sdxl_time_ids(
+    size: tuple[int, int], rows: int, *, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """SDXL's micro-conditioning, as its pipeline builds it for a full, uncropped image:
+    original size, crop top-left (0, 0), target size; one row per batch item."""
+    height, width = size
+    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+    return ids.repeat(rows, 1)
+
+
 @dataclass
 class Conditioning:
     """UNet conditioning for the whole batch, unconditional rows first when guiding."""
@@ -95,6 +117,7 @@ class Conditioning:
 def denoise(
     unet: UNet2DConditionModel,
     scheduler: SchedulerMixin,
+    *,
     original: torch.Tensor,
     strength: torch.Tensor,
     conditioning: Conditioning,

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import safetensors.torch
@@ -35,7 +36,9 @@ from transformers import CLIPTextModel
 from ..atomic import atomic_write_bytes
 from ..errors import Cancelled, CollageError
 from . import ti_cache
+from .sampler import encode_posterior, sdxl_time_ids
 from .ti_cache import cache_dir
+from .tokens import encode_ids
 
 __all__ = [
     "InversionSettings",
@@ -59,6 +62,10 @@ TEMPLATES = (
 
 #: Size of the fixed probe batch that measures the loss before and after training.
 _PROBE_SAMPLES = 8
+#: Added to the seed for the probe batch's noises, so they differ from the training noises.
+_PROBE_SEED_OFFSET = 7919
+#: AdamW weight decay on the new embedding rows (diffusers' textual-inversion example).
+WEIGHT_DECAY = 1e-2
 
 # Words that never make a good initialiser for the new token (articles, prepositions...).
 _STOPWORDS_TEXT = """
@@ -147,33 +154,14 @@ def learn_inversions(
     cancel: Callable[[], bool] | None = None,
 ) -> list[LearnedToken]:
     """Like :func:`learn_tokens`, with each token's loss history and whether it was cached."""
+    plans = _cache_keys(engine, targets, settings)
+    # Look every target up first, so that progress knows the total before the first step.
     components = engine.components
     dims = [enc.get_input_embeddings().weight.shape[1] for enc in components.text_encoders]
-    fingerprint = ti_cache.model_fingerprint(components)
-    recipe = (*TEMPLATES, *_init_recipe())
-
-    plans: list[tuple[InversionTarget, str, str]] = []  # (target, key, token)
-    for target in targets:
-        _check_target(target)
-        key = ti_cache.entry_key(
-            model_name=str(engine.model_name),
-            kind=components.kind,
-            fingerprint=fingerprint,
-            image=target.image,
-            mask=target.mask,
-            caption=target.caption,
-            settings=(settings.steps, settings.lr, settings.batch, settings.seed),
-            recipe=recipe,
-        )
-        plans.append((target, key, f"<ti-{key[:10]}>"))
-
-    # Look every target up first, so that progress knows the total before the first step.
     known: dict[str, ti_cache.CacheEntry] = {}
     for _, key, _ in plans:
-        if key not in known:
-            entry = ti_cache.load_entry(key, dims, cache)
-            if entry is not None:
-                known[key] = entry
+        if key not in known and (entry := ti_cache.load_entry(key, dims, cache)) is not None:
+            known[key] = entry
     to_train = list(dict.fromkeys(key for _, key, _ in plans if key not in known))
     total = settings.steps * len(to_train)
     done = 0
@@ -199,45 +187,97 @@ def learn_inversions(
             continue
         ids = _install_token(components, token)
         if key in known:
-            _set_rows(components, ids, known[key].rows)
-            meta = known[key].metadata
-            probe = (_float(meta.get("probe_loss_before")), _float(meta.get("probe_loss_after")))
-            init_word = meta.get("init_word") or None
-            result = LearnedToken(token, target.name, init_word, True, [], probe)
+            result = _from_cache(components, ids, token, target, known[key])
         else:
-            start = time.perf_counter()
-            init_word = _init_word(components, target.caption)
-            init_rows = _init_rows(components, init_word)
-            _set_rows(components, ids, init_rows)  # a cancelled training leaves a sane row
-            rows, losses, probe = _train(
-                engine, target, ids, init_rows, settings, step=step_done, cancel=cancel
-            )
-            _set_rows(components, ids, rows)
-            meta = {
-                "token": token,
-                "name": target.name,
-                "caption": target.caption,
-                "model": str(engine.model_name),
-                "kind": components.kind,
-                "init_word": init_word or "",
-                "steps": str(settings.steps),
-                "probe_loss_before": repr(probe[0]),
-                "probe_loss_after": repr(probe[1]),
-            }
-            ti_cache.save_entry(key, rows, meta, cache)
-            result = LearnedToken(
-                token, target.name, init_word, False, losses, probe, time.perf_counter() - start
-            )
-            log.info(
-                "learned %s for layer %r in %.1fs (probe loss %.4g -> %.4g)",
-                token,
-                target.name,
-                result.seconds,
-                *probe,
-            )
+            learn = _Learning(engine, target, key, token, ids, settings)
+            result = learn.run(cache, step=step_done, cancel=cancel)
         results[key] = result
         out.append(result)
     return out
+
+
+def _cache_keys(
+    engine, targets: Sequence[InversionTarget], settings: InversionSettings
+) -> list[tuple[InversionTarget, str, str]]:
+    """(target, cache key, token name) per target; the token's name comes from the key."""
+    components = engine.components
+    fingerprint = ti_cache.model_fingerprint(components)
+    recipe = (*TEMPLATES, *_init_recipe())
+    plans = []
+    for target in targets:
+        _check_target(target)
+        key = ti_cache.entry_key(
+            model_name=str(engine.model_name),
+            kind=components.kind,
+            fingerprint=fingerprint,
+            image=target.image,
+            mask=target.mask,
+            caption=target.caption,
+            settings=(settings.steps, settings.lr, settings.batch, settings.seed),
+            recipe=recipe,
+        )
+        plans.append((target, key, f"<ti-{key[:10]}>"))
+    return plans
+
+
+def _from_cache(
+    components, ids: Sequence[int], token: str, target: InversionTarget, entry: ti_cache.CacheEntry
+) -> LearnedToken:
+    """Install a cached token's rows."""
+    _set_rows(components, ids, entry.rows)
+    meta = entry.metadata
+    probe = (_float(meta.get("probe_loss_before")), _float(meta.get("probe_loss_after")))
+    return LearnedToken(token, target.name, meta.get("init_word") or None, True, [], probe)
+
+
+@dataclass
+class _Learning:
+    """Training one token and caching what it learned."""
+
+    engine: Any
+    target: InversionTarget
+    key: str
+    token: str
+    ids: Sequence[int]
+    settings: InversionSettings
+
+    def run(
+        self,
+        cache: Path | None,
+        *,
+        step: Callable[[], None],
+        cancel: Callable[[], bool] | None,
+    ) -> LearnedToken:
+        components, target, settings = self.engine.components, self.target, self.settings
+        start = time.perf_counter()
+        init_word = _init_word(components, target.caption)
+        init_rows = _init_rows(components, init_word)
+        _set_rows(components, self.ids, init_rows)  # a cancelled training leaves a sane row
+        rows, losses, probe = _train(
+            self.engine, target, self.ids, init_rows, settings, step=step, cancel=cancel
+        )
+        _set_rows(components, self.ids, rows)
+        meta = {
+            "token": self.token,
+            "name": target.name,
+            "caption": target.caption,
+            "model": str(self.engine.model_name),
+            "kind": components.kind,
+            "init_word": init_word or "",
+            "steps": str(settings.steps),
+            "probe_loss_before": repr(probe[0]),
+            "probe_loss_after": repr(probe[1]),
+        }
+        ti_cache.save_entry(self.key, rows, meta, cache)
+        seconds = time.perf_counter() - start
+        log.info(
+            "learned %s for layer %r in %.1fs (probe loss %.4g -> %.4g)",
+            self.token,
+            target.name,
+            seconds,
+            *probe,
+        )
+        return LearnedToken(self.token, target.name, init_word, False, losses, probe, seconds)
 
 
 def export_embeddings(engine, tokens: Sequence[str], path: Path) -> Path:
@@ -417,95 +457,27 @@ def _train(
     cancel: Callable[[], bool] | None,
 ) -> tuple[list[torch.Tensor], list[float], tuple[float, float]]:
     """Train the new rows: returns them (float32, CPU), every step's loss, the probe losses."""
-    components = engine.components
     device = torch.device(engine.device)
-    unet, vae = components.unet, components.vae
-    sdxl = components.kind == "sdxl"
     gen = torch.Generator("cpu").manual_seed(int(settings.seed))
-    noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    prediction = noise_scheduler.config.prediction_type
-
-    # Prompt ids for every template, per tokenizer: chosen per batch item at each step.
-    prompts = [
-        t.format(token=_token_of(components, ids), caption=target.caption) for t in TEMPLATES
-    ]
-    prompt_ids = [
-        tok(
-            prompts,
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        for tok in components.tokenizers
-    ]
-
     params = [torch.nn.Parameter(r.to(device, torch.float32).clone()) for r in init_rows]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=WEIGHT_DECAY)
     # fp16 weights: scale the loss so that small gradients do not underflow in the backward pass.
     scaler = torch.amp.GradScaler(
         "cuda", enabled=device.type == "cuda" and engine.dtype == torch.float16
     )
-
     losses: list[float] = []
     with _training_context(engine, params, ids):
-        with torch.no_grad():
-            latent_mean, latent_std, scale = _encode_image(vae, target.image, device)
-        height, width = target.image.shape[:2]
-        weight = _latent_mask(target.mask, latent_mean.shape[-2:], device)
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
-
-        def batch_loss(timesteps, noise, sample, which) -> torch.Tensor:
-            """Masked noise-prediction MSE of one batch (per latent channel and visible cell)."""
-            b = timesteps.shape[0]
-            timesteps, noise, sample = timesteps.to(device), noise.to(device), sample.to(device)
-            latents = (latent_mean + latent_std * sample) * scale
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            hidden, pooled = _encode_prompts(components, [p[which.to(device)] for p in prompt_ids])
-            added = None
-            if sdxl:
-                added = {
-                    "text_embeds": pooled.to(unet.dtype),
-                    "time_ids": time_ids.repeat(b, 1).to(device, unet.dtype),
-                }
-            pred = unet(
-                noisy.to(unet.dtype),
-                timesteps,
-                encoder_hidden_states=hidden.to(unet.dtype),
-                added_cond_kwargs=added,
-            ).sample.float()
-            if prediction == "v_prediction":
-                goal = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                goal = noise
-            err = (pred - goal.float()) ** 2 * weight
-            return err.sum() / (weight.sum() * pred.shape[0] * pred.shape[1])
-
+        loss_of = _MaskedLoss(engine, target, _token_of(engine.components, ids))
         # A fixed probe set (timesteps spread over the schedule, fixed noises): the same
         # batch before and after training measures what the token learned, free of the
         # sampling noise that dominates the per-step training losses.
-        probe_gen = torch.Generator("cpu").manual_seed(int(settings.seed) + 7919)
-        n = _PROBE_SAMPLES
-        probe = (
-            torch.linspace(0, num_timesteps - 1, n).round().long(),
-            torch.randn((n, *latent_mean.shape[1:]), generator=probe_gen),
-            torch.randn((n, *latent_mean.shape[1:]), generator=probe_gen),
-            torch.arange(n) % len(TEMPLATES),
-        )
+        probe = loss_of.probe_batch(int(settings.seed) + _PROBE_SEED_OFFSET)
         with torch.no_grad():
-            probe_before = float(batch_loss(*probe))
-
+            probe_before = float(loss_of(*probe))
         for _ in range(settings.steps):
             if cancel is not None and cancel():
                 raise Cancelled()
-            b = settings.batch
-            loss = batch_loss(
-                torch.randint(0, num_timesteps, (b,), generator=gen),
-                torch.randn((b, *latent_mean.shape[1:]), generator=gen),
-                torch.randn((b, *latent_mean.shape[1:]), generator=gen),
-                torch.randint(0, len(TEMPLATES), (b,), generator=gen),
-            )
+            loss = loss_of(*loss_of.random_batch(settings.batch, gen))
             if not torch.isfinite(loss):
                 raise CollageError(
                     f"layer {target.name!r}: textual inversion diverged (loss {loss.item()}); "
@@ -518,47 +490,95 @@ def _train(
             losses.append(float(loss.detach()))
             step()
         with torch.no_grad():
-            probe_after = float(batch_loss(*probe))
+            probe_after = float(loss_of(*probe))
     rows = [p.detach().to("cpu", torch.float32).clone() for p in params]
     return rows, losses, (probe_before, probe_after)
+
+
+class _MaskedLoss:
+    """The masked noise-prediction MSE of a batch (per latent channel and visible cell).
+
+    A batch is (timesteps, noises, posterior samples, template index per item).
+    """
+
+    def __init__(self, engine, target: InversionTarget, token: str) -> None:
+        components = engine.components
+        self.components = components
+        self.device = device = torch.device(engine.device)
+        self.scheduler = DDPMScheduler.from_config(components.scheduler.config)
+        self.timesteps = self.scheduler.config.num_train_timesteps
+        # Prompt ids for every template, per tokenizer: chosen per batch item at each step.
+        prompts = [t.format(token=token, caption=target.caption) for t in TEMPLATES]
+        self.prompt_ids = [
+            tok(
+                prompts,
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            for tok in components.tokenizers
+        ]
+        with torch.no_grad():
+            self.mean, self.std = encode_posterior(components.vae, target.image, device)
+        if not (torch.isfinite(self.mean).all() and torch.isfinite(self.std).all()):
+            raise RuntimeError(
+                "the VAE produced non-finite latents for the textual-inversion image"
+            )
+        self.weight = _latent_mask(target.mask, self.mean.shape[-2:], device)
+        self.size = target.image.shape[:2]
+
+    def random_batch(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        shape = (n, *self.mean.shape[1:])
+        return (
+            torch.randint(0, self.timesteps, (n,), generator=gen),
+            torch.randn(shape, generator=gen),
+            torch.randn(shape, generator=gen),
+            torch.randint(0, len(TEMPLATES), (n,), generator=gen),
+        )
+
+    def probe_batch(self, seed: int) -> tuple[torch.Tensor, ...]:
+        gen = torch.Generator("cpu").manual_seed(seed)
+        n, shape = _PROBE_SAMPLES, (_PROBE_SAMPLES, *self.mean.shape[1:])
+        return (
+            torch.linspace(0, self.timesteps - 1, n).round().long(),
+            torch.randn(shape, generator=gen),
+            torch.randn(shape, generator=gen),
+            torch.arange(n) % len(TEMPLATES),
+        )
+
+    def __call__(self, timesteps, noise, sample, which) -> torch.Tensor:
+        device, unet = self.device, self.components.unet
+        timesteps, noise, sample = timesteps.to(device), noise.to(device), sample.to(device)
+        latents = self.mean + self.std * sample
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        cond = encode_ids(self.components, [p[which.to(device)] for p in self.prompt_ids])
+        added = None
+        if self.components.kind == "sdxl":
+            time_ids = sdxl_time_ids(self.size, len(timesteps), dtype=unet.dtype, device=device)
+            added = {"text_embeds": cond.pooled.to(unet.dtype), "time_ids": time_ids}
+        pred = unet(
+            noisy.to(unet.dtype),
+            timesteps,
+            encoder_hidden_states=cond.hidden.to(unet.dtype),
+            added_cond_kwargs=added,
+        ).sample.float()
+        if self.scheduler.config.prediction_type == "v_prediction":
+            goal = self.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            goal = noise
+        err = (pred - goal.float()) ** 2 * self.weight
+        return err.sum() / (self.weight.sum() * pred.shape[0] * pred.shape[1])
 
 
 def _token_of(components, ids: Sequence[int]) -> str:
     return components.tokenizers[0].convert_ids_to_tokens(ids[0])
 
 
-def _encode_image(vae, image: np.ndarray, device: torch.device):
-    """The VAE's latent distribution (mean, std) for the image, and the latent scale.
-
-    Training samples the posterior at every step (as standard textual inversion does);
-    the sampler starts from its mean.
-    """
-    pixels = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    pixels = pixels.permute(2, 0, 1)[None].clamp(0, 1) * 2 - 1
-    dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-    mean, std = dist.mean.float(), dist.std.float()
-    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
-        raise RuntimeError("the VAE produced non-finite latents for the textual-inversion image")
-    shift = vae.config.get("shift_factor") or 0.0  # as the sampler's encode_image does
-    return mean - shift, std, float(vae.config.scaling_factor)
-
-
 def _latent_mask(mask: np.ndarray, size, device: torch.device) -> torch.Tensor:
     """The visible mask averaged onto the latent grid: (1, 1, h/8, w/8)."""
     m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
     return F.interpolate(m.clamp(0, 1), size=tuple(size), mode="area").to(device)
-
-
-def _encode_prompts(components, ids: Sequence[torch.Tensor]):
-    """Text conditioning as the SD / SDXL pipelines build it: (hidden states, pooled or None)."""
-    if components.kind != "sdxl":
-        return components.text_encoders[0](ids[0])[0], None
-    hidden, pooled = [], None
-    for encoder, input_ids in zip(components.text_encoders, ids, strict=True):
-        out = encoder(input_ids, output_hidden_states=True)
-        pooled = out[0]  # the last encoder's projected pooled output (CLIPTextModelWithProjection)
-        hidden.append(out.hidden_states[-2])
-    return torch.cat(hidden, dim=-1), pooled
 
 
 @contextmanager
@@ -588,9 +608,7 @@ def _training_context(engine, params: Sequence[torch.nn.Parameter], ids: Sequenc
 
     with ExitStack() as stack:
         # With the engine's CPU offload the models live on the CPU between uses.
-        on_device = getattr(engine, "_on_device", None)
-        if on_device is not None:
-            stack.enter_context(on_device(*modules))
+        stack.enter_context(engine.on_device(*modules))
         stack.callback(restore)
         for m in modules:
             m.requires_grad_(False)

@@ -140,27 +140,33 @@ def _token_tensor(tokenizer: CLIPTokenizer, text: str, device: torch.device) -> 
     return ids.to(device)
 
 
+def encode_ids(components: ModelComponents, ids: Sequence[torch.Tensor]) -> PromptEmbeddings:
+    """Token ids (one (n, 77) tensor per tokenizer) -> embeddings, as the diffusers SD /
+    SDXL pipelines build them; gradients flow (textual inversion trains through it).
+
+    SD 1.x/2.x: the last hidden state. SDXL: both encoders' penultimate hidden states
+    side by side, and the second encoder's pooled projection.
+    """
+    if components.kind != "sdxl":
+        return PromptEmbeddings(components.text_encoders[0](ids[0])[0])
+    hidden = []
+    for encoder, input_ids in zip(components.text_encoders, ids, strict=True):
+        out = encoder(input_ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    pooled = out.text_embeds  # the last (second) encoder has the projection
+    return PromptEmbeddings(torch.cat(hidden, dim=-1), pooled)
+
+
 @torch.no_grad()
 def encode_prompt(
     components: ModelComponents, text: str, device: torch.device, *, zeros: bool = False
 ) -> PromptEmbeddings:
-    """Encode with every text encoder, as the diffusers SD / SDXL pipelines do.
-
-    SD 1.x/2.x: the last hidden state. SDXL: both encoders' penultimate hidden states
-    side by side, and the second encoder's pooled projection. ``zeros`` gives SDXL's
+    """Encode with every text encoder (see :func:`encode_ids`). ``zeros`` gives SDXL's
     all-zero embeddings for an empty negative prompt. Never cached: textual inversion
     may add tokens between generations.
     """
-    if components.kind != "sdxl":
-        encoder = components.text_encoders[0]
-        ids = _token_tensor(components.tokenizers[0], text, device)
-        return PromptEmbeddings(encoder(ids)[0])
-    hidden = []
-    for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
-        out = encoder(_token_tensor(tokenizer, text, device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-    pooled = out.text_embeds  # the last (second) encoder has the projection
-    result = PromptEmbeddings(torch.cat(hidden, dim=-1), pooled)
+    ids = [_token_tensor(tokenizer, text, device) for tokenizer in components.tokenizers]
+    result = encode_ids(components, ids)
     if zeros:
         assert result.pooled is not None
         result = PromptEmbeddings(torch.zeros_like(result.hidden), torch.zeros_like(result.pooled))

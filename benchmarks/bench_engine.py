@@ -140,29 +140,7 @@ def main() -> None:
     config["size"] = args.size or config["size"]
     device = resolve_device(args.device)
     dtype = resolve_dtype(None, device)
-
-    components = build(config)
-    # The pipeline gets its own UNet copy with diffusers' default (fused SDPA) attention.
-    pipe_unet = copy.deepcopy(components.unet)
-    pipe_unet.set_attn_processor(AttnProcessor2_0())
-    pipe = StableDiffusionImg2ImgPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoders[0],
-        tokenizer=components.tokenizers[0],
-        unet=pipe_unet,
-        scheduler=make_scheduler("euler_ancestral", SD_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    engine = Engine(
-        components, EngineOptions(scheduler="euler_ancestral"), device=device, dtype=dtype
-    )
-    pipe.to(device)
-    if pipe_unet.dtype != dtype:
-        pipe_unet.to(dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-
+    pipe, engine = _pipeline_and_engine(build(config), device, dtype)
     size, steps, seed = config["size"], config["steps"], 1234
     request = collage_request(size, steps, seed)
     # float32 0.7 is 0.69999...: round it so both run the same number of denoising steps.
@@ -183,22 +161,12 @@ def main() -> None:
     def run_collage() -> None:
         engine.generate(request)
 
-    def timed(fn) -> tuple[float, float]:  # noqa: ANN001
-        """(wall seconds, process CPU seconds): on a shared CPU box the latter is steadier."""
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start, cpu = time.perf_counter(), time.process_time()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, time.process_time() - cpu
-
     run_img2img()  # warm-up
     run_collage()
     img2img, collage = [], []
     for _ in range(max(3, args.repeats)):
-        img2img.append(timed(run_img2img))
-        collage.append(timed(run_collage))
+        img2img.append(_timed(run_img2img, device))
+        collage.append(_timed(run_collage, device))
     a = statistics.median(t[0] for t in img2img)
     b = statistics.median(t[0] for t in collage)
     a_cpu = statistics.median(t[1] for t in img2img)
@@ -227,15 +195,56 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
+    _print_report(result, size, steps)
+
+
+def _pipeline_and_engine(components: Any, device: torch.device, dtype: torch.dtype):
+    """diffusers' img2img pipeline and our engine over the same weights."""
+    # The pipeline gets its own UNet copy with diffusers' default (fused SDPA) attention.
+    pipe_unet = copy.deepcopy(components.unet)
+    pipe_unet.set_attn_processor(AttnProcessor2_0())
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoders[0],
+        tokenizer=components.tokenizers[0],
+        unet=pipe_unet,
+        scheduler=make_scheduler("euler_ancestral", SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    engine = Engine(
+        components, EngineOptions(scheduler="euler_ancestral"), device=device, dtype=dtype
+    )
+    pipe.to(device)
+    if pipe_unet.dtype != dtype:
+        pipe_unet.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, engine
+
+
+def _timed(fn: Any, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds): on a shared CPU box the latter is steadier."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, cpu = time.perf_counter(), time.process_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def _print_report(result: dict, size: int, steps: int) -> None:
+    a, b = result["img2img_s"], result["collage_s"]
     c = result["config"]
     print(
         f"SD-1.x-shaped UNet {c['unet_channels']}, {size}x{size}, {steps} steps "
         f"({c['denoising_steps']} denoising), {c['phrases']} phrases, {c['device']} {c['dtype']}, "
         f"{c['threads']} threads"
     )
-    print(f"img2img pipeline: {a:.3f} s (median of {len(img2img)})")
-    print(f"collage sampling: {b:.3f} s (median of {len(collage)})")
-    print(f"ratio: {b / a:.3f} (goal <= 1.05); CPU-time ratio {b_cpu / a_cpu:.3f}")
+    print(f"img2img pipeline: {a:.3f} s (median of {c['repeats']})")
+    print(f"collage sampling: {b:.3f} s (median of {c['repeats']})")
+    print(f"ratio: {b / a:.3f} (goal <= 1.05); CPU-time ratio {result['cpu_ratio']:.3f}")
 
 
 if __name__ == "__main__":

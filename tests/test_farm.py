@@ -222,6 +222,13 @@ def test_redis_stopped_and_restarted_mid_run_loses_nothing(
     layout = Layout.create(root)
     digests = {f"a{i}.psd": drop(layout.inbox, tmp_path, f"a{i}.psd", i) for i in range(6)}
     watch = start_watch(root, redis_server.url, logs / "watch.out")
+    # A worker given another folder as --root (the share not mounted there) gives its
+    # first job back and stops, rather than taking the jobs for finished ones.
+    astray = Layout.create(tmp_path / "not-the-share").root
+    wait_until(lambda: (root / ".psd-collage-id").exists(), 30, [watch], "the watcher")
+    lost = start_worker(astray, redis_server.url, "astray", logs / "astray.out")
+    assert lost.wait(120) == 0
+    assert "is not the watcher's hot folder" in (logs / "astray.out").read_text()
     worker = start_worker(root, redis_server.url, "solo", logs / "solo.out")
     try:
         wait_until(lambda: len(finished_psds(root)) >= 2, 180, [watch, worker], "two done")

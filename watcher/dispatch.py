@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .farm import make_app, prepare_job_folder, read_result, send_job
+from .farm import make_app, prepare_job_folder, read_result, root_id, send_job
 from .jobs import Job
 from .layout import Layout
 from .status import FarmStatus, StatusBoard
@@ -51,6 +51,7 @@ class FarmDispatcher:
         # The producer's visibility timeout does not matter: the workers' does.
         self.app = make_app(broker, visibility_timeout=3600)
         self.status = FarmStatus(broker)
+        self.root_id = root_id(layout.root, create=True)
         self.inflight: dict[str, Job] = {}
         self.resync_every = resync
         self.retry_every = retry
@@ -110,7 +111,7 @@ class FarmDispatcher:
             if job is None or job_id in known or read_result(job.folder) is not None:
                 self._unsent.discard(job_id)
                 continue
-            send_job(self.app, job_id, job.name)
+            send_job(self.app, job_id, job.name, self.root_id)
             self.status.job_queued(job_id, job.name, job.state.get("queued_at") or time.time())
             self._unsent.discard(job_id)
             log.info("queued %s (job %s)", job.name, job_id)
@@ -129,6 +130,8 @@ class FarmDispatcher:
                     job.state[key] = result[key]
             if result.get("started"):
                 job.state["started_at"] = result["started"]
+            if result["outcome"] == "done" and not _inside_job(job, result):
+                result = {"outcome": "failed", "report": f"{job.name}: bad result.json\n"}
             if result["outcome"] == "done":
                 preview = result.get("preview")
                 job.mark_done(
@@ -157,6 +160,16 @@ class FarmDispatcher:
         for job in self.inflight.values():
             job.release()
         self.inflight.clear()
+
+
+def _inside_job(job: Job, result: dict[str, Any]) -> bool:
+    """A worker's result names files inside the job folder, nothing else."""
+    names = [result.get("output"), result.get("preview")]
+    folder = job.folder.resolve()
+    return isinstance(names[0], str) and all(
+        name is None or (isinstance(name, str) and folder in (folder / name).resolve().parents)
+        for name in names
+    )
 
 
 class FarmBoard(StatusBoard):

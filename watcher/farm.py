@@ -34,6 +34,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -62,6 +63,7 @@ QUEUE = "psd-collage"
 RESULT_NAME = "result.json"  # the worker's outcome; written last, read by the watcher
 ATTEMPTS_NAME = "render.json"  # how often a worker started this job's render
 RENDER_LOCK = ".render.lock"  # flock'ed by the worker rendering the job
+ROOT_ID_NAME = ".psd-collage-id"  # in ROOT: which hot folder this is (see root_id)
 #: Seconds past the job timeout before Celery kills a render stuck inside one step.
 HARD_LIMIT_GRACE = 60.0
 #: Seconds on top of the longest possible job before Redis hands a silent job out again.
@@ -104,15 +106,25 @@ def make_app(
     return app
 
 
-def send_job(app: Celery, job: str, name: str) -> str:
+def send_job(app: Celery, job: str, name: str, root_id: str) -> str:
     """Queue ``work/<job>`` (relative to ROOT); fails fast when the broker is down."""
-    result = app.send_task(
-        TASK_NAME,
-        args=[f"work/{job}", name],
-        retry=False,
-        headers={"psd_name": name},
-    )
+    result = app.send_task(TASK_NAME, args=[f"work/{job}", name, root_id], retry=False)
     return result.id
+
+
+def root_id(root: Path, *, create: bool = False) -> str | None:
+    """The hot folder's identity (``ROOT/.psd-collage-id``): a worker whose ``--root`` is
+    another folder than the watcher's must not take its jobs for finished ones."""
+    path = root / ROOT_ID_NAME
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text(encoding="utf-8").strip()
+    if not create:
+        return None
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(secrets.token_hex(8) + "\n")
+    return path.read_text(encoding="utf-8").strip()
 
 
 # ---------------------------------------------------------------------------
@@ -237,9 +249,20 @@ class RenderTask(Task):
                 )
 
 
-def render_job(task: Task, job: str, name: str) -> str:
+def render_job(task: Task, job: str, name: str, root: str | None = None) -> str:
     """The task: render ``ROOT/job`` once, whatever how often it is delivered."""
     state = worker_state()
+    if root is not None and root != root_id(state.layout.root):
+        # A wrong --root (or the share not mounted): give the job back and stop here,
+        # rather than taking every job for one finished long ago.
+        log.error(
+            "--root %s is not the watcher's hot folder (no matching %s): stopping this "
+            "worker; mount the shared ROOT and give its path",
+            state.layout.root,
+            ROOT_ID_NAME,
+        )
+        os.kill(os.getppid(), signal.SIGTERM)
+        raise Reject("wrong --root", requeue=True)
     folder = state.job_folder(job)
     if folder is None:
         return "gone"  # finished and moved by the watcher: a late duplicate

@@ -1,6 +1,7 @@
 """The ``psd-collage`` command: a thin shell over :mod:`psd_collage.render`.
 
-Commands: ``inspect`` and ``render`` here, ``watch`` from ``watcher/cli.py``; each new
+Commands: ``inspect`` and ``render`` here, ``watch`` from ``watcher/cli.py``, ``serve``
+from ``serve/cli.py``; each new
 command is registered at the bottom of this file with ``main.add_command``.
 
 Exit status: 0 success, 2 a problem with the input (one ``error:`` line on
@@ -16,6 +17,7 @@ from typing import Any
 
 import click
 
+from serve.cli import serve
 from watcher.cli import status, watch, worker
 
 from .errors import CollageError
@@ -199,6 +201,7 @@ class _ProgressBar:
 main.add_command(watch)
 main.add_command(worker)
 main.add_command(status)
+main.add_command(serve)
 
 
 if __name__ == "__main__":

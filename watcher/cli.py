@@ -5,6 +5,7 @@ Registered on the main CLI group; the render options come from the shared home.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +22,37 @@ from psd_collage.options import (
 from .service import STABLE_SECONDS, WatchOptions, WatchService
 
 
+def watch_options(func: Callable) -> Callable:
+    """How the hot folder takes files; shared with ``serve``, which runs the same watcher."""
+    options = [
+        click.option(
+            "--preview/--no-preview",
+            default=None,
+            help="Write NAME.preview.png next to each result (default: on).",
+        ),
+        click.option(
+            "--poll",
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="SECONDS",
+            help="Poll the inbox every SECONDS instead of using file events (network shares).",
+        ),
+        click.option(
+            "--stable",
+            type=click.FloatRange(min=0),
+            default=STABLE_SECONDS,
+            show_default=True,
+            metavar="SECONDS",
+            help="How long a file must stay unchanged before it is taken.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @click.command("watch")
 @click.argument("root", type=click.Path(path_type=Path))
-@click.option(
-    "--preview/--no-preview",
-    default=None,
-    help="Write NAME.preview.png next to each result (default: on).",
-)
-@click.option(
-    "--poll",
-    type=click.FloatRange(min=0, min_open=True),
-    metavar="SECONDS",
-    help="Poll the inbox every SECONDS instead of using file events (network shares).",
-)
-@click.option(
-    "--stable",
-    type=click.FloatRange(min=0),
-    default=STABLE_SECONDS,
-    show_default=True,
-    metavar="SECONDS",
-    help="How long a file must stay unchanged before it is taken.",
-)
+@watch_options
 @click.option("--once", is_flag=True, help="Process what is in the inbox (and work/), then exit.")
 @click.option(
     "--broker",

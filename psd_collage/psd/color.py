@@ -43,6 +43,17 @@ def to_srgb(pixels: np.ndarray, mode: str, icc: bytes | None = None) -> np.ndarr
     return ((1.0 - cmy) * (1.0 - k)).astype(np.float32)
 
 
+def native_to_srgb8(native: np.ndarray, mode: str, icc: bytes | None = None) -> np.ndarray:
+    """psd-tools' float channels -> uint8 sRGB (H, W, 3).
+
+    psd-tools keeps the file's CMYK convention (1 = no ink); :func:`to_srgb` takes
+    PIL's (0 = no ink). 32-bit documents hold HDR values: they are clipped to [0, 1].
+    """
+    if mode == "CMYK":
+        native = 1.0 - native
+    return to_u8(to_srgb(native, mode, icc))
+
+
 def from_srgb(rgb: np.ndarray, mode: str, icc: bytes | None = None) -> np.ndarray:
     """sRGB (H, W, 3) -> native channels (H, W, C)."""
     if mode not in SUPPORTED_MODES:

@@ -123,12 +123,7 @@ class Compositor:
 
     def to_srgb8(self, native: np.ndarray) -> np.ndarray:
         """Document channels (float, psd-tools' convention) -> uint8 sRGB, via color.py."""
-        # 32-bit documents hold HDR values: we tone-map them by clipping to [0, 1],
-        # which to_u8 (and color.py's CMYK path) do on the way to 8 bits.
-        if self.mode == "CMYK":
-            # psd-tools keeps the file's convention (1 = no ink); color.py takes PIL's (0 = no ink).
-            native = 1.0 - native
-        return to_u8(color.to_srgb(native, self.mode, self.icc))
+        return color.native_to_srgb8(native, self.mode, self.icc)
 
     def flatten(self) -> np.ndarray:
         """The flattened collage, (H, W, 3) uint8 sRGB over white."""

@@ -1,0 +1,115 @@
+"""``psd-collage serve ROOT``: the click command (registered on the main CLI group)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import click
+
+from psd_collage.options import render_options, settings_from_options
+from psd_collage.errors import CollageError
+from watcher.cli import watch_options
+from watcher.service import WatchOptions
+
+from .app import create_app, is_loopback
+
+
+@click.command("serve")
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; anything but localhost needs --token.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8765,
+    show_default=True,
+    help="TCP port (0: any free one, printed at start).",
+)
+@click.option(
+    "--token",
+    envvar="PSD_COLLAGE_TOKEN",
+    metavar="T",
+    help="Require 'Authorization: Bearer T' on every request (or set PSD_COLLAGE_TOKEN).",
+)
+@click.option(
+    "--max-upload",
+    type=click.IntRange(1),
+    default=2048,
+    show_default=True,
+    metavar="MB",
+    help="Largest document accepted by POST /api/jobs.",
+)
+@watch_options
+@render_options
+def serve(
+    root: Path,
+    host: str,
+    port: int,
+    token: str | None,
+    max_upload: int,
+    preview: bool | None,
+    poll: float | None,
+    stable: float,
+    **options: Any,
+) -> None:
+    """HTTP API and live status page over the hot folder ROOT (renders in this process).
+
+    Uploads (POST /api/jobs) land in ROOT/inbox like dropped files; files dropped
+    by hand are rendered and shown too. Open http://HOST:PORT/ for the status page.
+    The render options are folder defaults, as for watch. Ctrl-C stops; the
+    running job is re-run at the next start.
+    """
+    from .backend import LocalBackend
+
+    try:
+        if not is_loopback(host) and not token:
+            raise CollageError(
+                f"--host {host} lets other machines reach the server: give --token T "
+                "(or set PSD_COLLAGE_TOKEN) so that only those who know it can use it"
+            )
+        settings = settings_from_options({**options, "preview": preview})
+        backend = LocalBackend(root, settings, WatchOptions(stable=stable, poll=poll))
+        sock = _listen(host, port)
+        app = create_app(
+            backend, token=token, local_only=is_loopback(host), max_upload=max_upload * 1024**2
+        )
+        _run(app, sock, token)
+    except CollageError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before starting, so a taken port is one plain error line."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        raise CollageError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port "
+            "or stop the program using it"
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run(app: Any, sock: socket.socket, token: str | None) -> None:
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    login = "?token=..." if token else ""
+    click.echo(f"serving http://{shown}:{port}/{login} (status page; API under /api)", err=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -15,10 +15,10 @@ import contextlib
 import io
 import json
 import secrets
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from importlib import resources
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -100,6 +100,7 @@ def create_app(
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.add_exception_handler(ApiError, _api_error)
     app.state.book = book
+    app.state.end_streams = api.closing.set  # call before stopping the server: SSE streams end
     return app
 
 
@@ -113,7 +114,7 @@ class _Api:
         self.book = book
         self.backend = backend
         self.max_upload = max_upload
-        self.closing = asyncio.Event()
+        self.closing = threading.Event()  # set from uvicorn's thread or a signal handler
         self._pngs: OrderedDict[tuple, bytes] = OrderedDict()
 
     async def index(self, _request: Request) -> Response:
@@ -213,8 +214,7 @@ class _Api:
                 elif quiet >= KEEPALIVE_S:
                     quiet = 0.0
                     yield ": keep-alive\n\n"
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.closing.wait(), EVENT_POLL_S)
+                await asyncio.sleep(EVENT_POLL_S)
                 quiet += EVENT_POLL_S
 
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
@@ -288,4 +288,3 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
-__all__ = ["create_app", "is_loopback", "Path"]

@@ -111,5 +111,10 @@ def _run(app: Any, sock: socket.socket, token: str | None) -> None:
     shown = f"[{host}]" if ":" in host else host
     login = "?token=..." if token else ""
     click.echo(f"serving http://{shown}:{port}/{login} (status page; API under /api)", err=True)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.end_streams()  # open /api/events streams would hold the shutdown up
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    Server(config).run(sockets=[sock])

@@ -77,6 +77,7 @@ def serve_in_thread(app) -> Iterator[str]:  # noqa: ANN001
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+        app.state.end_streams()
         server.should_exit = True
         thread.join(30)
         sock.close()

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The light CPU build of torch; for an NVIDIA GPU see README ("GPU").
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean ccx
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(PY) -m pytest -q
+	PSD_COLLAGE_PYTHON=$(PY) node --test photoshop/test/
+
+# The Photoshop panel as a .ccx (a zip of photoshop/plugin/): see README, "Photoshop panel".
+CCX ?= photoshop/psd-collage.ccx
+ccx: $(CCX)
+$(CCX): $(wildcard photoshop/plugin/*)
+	$(PYTHON) -c "import shutil, sys; shutil.make_archive(sys.argv[1], 'zip', 'photoshop/plugin')" $(basename $@)
+	mv $(basename $@).zip $@
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .

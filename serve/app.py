@@ -286,5 +286,3 @@ class Guard:
 def is_loopback(host: str) -> bool:
     """Whether ``--host`` keeps the server on this machine."""
     return host in LOOPBACK_HOSTS or host.startswith("127.")
-
-

@@ -87,7 +87,7 @@ def parse_settings(text: str) -> tuple[dict[str, Any], str]:
     if not isinstance(data, dict):
         raise ApiError(400, f"{where} must be a table of settings, like a sidecar")
     try:
-        checked = validate_settings(data, where=where)
+        checked = validate_settings(data, where=where, designer=True)
     except CollageError as exc:
         raise ApiError(400, str(exc)) from None
     return checked, text

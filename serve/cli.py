@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from psd_collage.options import render_options, settings_from_options
 from psd_collage.errors import CollageError
+from psd_collage.options import render_options, settings_from_options
 from watcher.cli import watch_options
 from watcher.service import WatchOptions
 
@@ -111,6 +111,7 @@ def _run(app: Any, sock: socket.socket, token: str | None) -> None:
     shown = f"[{host}]" if ":" in host else host
     login = "?token=..." if token else ""
     click.echo(f"serving http://{shown}:{port}/{login} (status page; API under /api)", err=True)
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             app.state.end_streams()  # open /api/events streams would hold the shutdown up

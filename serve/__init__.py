@@ -5,7 +5,7 @@ Uploads land in ``ROOT/inbox`` like any dropped file; a backend does the work
 :mod:`serve.book` joins the two into the jobs the API shows.
 """
 
-from .backend import Backend, LocalBackend
+from .backend import Backend, HotFolderBackend
 from .book import ApiError, JobBook
 
-__all__ = ["ApiError", "Backend", "JobBook", "LocalBackend"]
+__all__ = ["ApiError", "Backend", "JobBook", "HotFolderBackend"]

@@ -122,8 +122,8 @@ class _Api:
         return Response(page, media_type="text/html; charset=utf-8")
 
     async def submit(self, request: Request) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and int(length) > self.max_upload + 1024**2:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_upload + 1024**2:
             raise ApiError(413, f"the upload is over the limit of {_mb(self.max_upload)}")
         async with request.form(max_files=1, max_fields=8) as form:
             upload = form.get("file")

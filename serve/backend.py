@@ -34,8 +34,8 @@ class Backend(Protocol):
 
     def snapshot(self) -> dict[str, Any]: ...
 
-    def check_upload(self, path: Path) -> None:
-        """Raise a CollageError when an uploaded file cannot be a job (not a PSD...)."""
+    def check_upload(self, path: Path, settings: Mapping[str, Any]) -> None:
+        """Raise a CollageError when an upload cannot be a job (not a PSD, over the policy)."""
 
 
 class StatusFile:
@@ -62,8 +62,13 @@ class StatusFile:
         return self._data
 
 
-class LocalBackend:
-    """Renders in this process, like ``psd-collage watch ROOT``: the watcher runs in a thread."""
+class HotFolderBackend:
+    """The hot folder's watcher, in a thread of this process.
+
+    Without a broker it renders here, like ``psd-collage watch ROOT``, and the status is
+    ``ROOT/status.json``. With ``options.broker`` it claims and queues for the farm's
+    workers, like ``watch --broker``, and the status is the farm's, read from Redis.
+    """
 
     def __init__(
         self,
@@ -71,11 +76,20 @@ class LocalBackend:
         settings: Mapping[str, Any] | None = None,
         options: WatchOptions | None = None,
         *,
+        policy: Mapping[str, Any] | None = None,
         renderer_factory: Callable[[dict[str, Any]], RendererLike] | None = None,
     ) -> None:
-        self.service = WatchService(root, settings, options, renderer_factory=renderer_factory)
+        self.service = WatchService(
+            root, settings, options, policy=policy, renderer_factory=renderer_factory
+        )
         self.layout = self.service.layout
+        self.broker = self.service.options.broker
         self._status = StatusFile(self.layout.status_file)
+        self._farm = None
+        if self.broker:
+            from watcher.status import FarmStatus
+
+            self._farm = FarmStatus(self.broker)
         self._thread: threading.Thread | None = None
         self._error: str | None = None
 
@@ -97,12 +111,33 @@ class LocalBackend:
             self._thread.join(timeout=60)
 
     def snapshot(self) -> dict[str, Any]:
-        data = dict(self._status.read())
+        data = self._farm_snapshot() if self._farm is not None else dict(self._status.read())
         if self._error is not None:
             data.update(state="stopped", message=self._error)
         return data
 
-    def check_upload(self, path: Path) -> None:
-        from psd_collage.psd.reader import check_header
+    def _farm_snapshot(self) -> dict[str, Any]:
+        from watcher.dispatch import broker_errors, shown_url
 
-        check_header(path, max_pixels=self.service.defaults.get("max_pixels"))
+        assert self._farm is not None
+        try:
+            return self._farm.snapshot()
+        except broker_errors() as exc:
+            # The last status.json the watcher derived from Redis, marked as not current.
+            data = dict(self._status.read())
+            data.update(
+                state="offline",
+                message=f"cannot read the farm's status from {shown_url(self.broker or '')} "
+                f"({exc}): is Redis running?",
+            )
+            return data
+
+    def check_upload(self, path: Path, settings: Mapping[str, Any]) -> None:
+        """The policy and the document's header, before the upload joins the queue."""
+        from psd_collage.psd.reader import check_header
+        from psd_collage.settings import Settings
+
+        merged = Settings().updated(self.service.defaults, where="folder defaults")
+        merged = merged.updated(settings, where="the upload's settings")
+        self.service.policy.check_settings(merged)
+        check_header(path, max_pixels=merged.max_pixels)

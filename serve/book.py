@@ -136,11 +136,11 @@ class JobBook:
         filename: str,
         data: IO[bytes],
         settings_text: str = "",
-        check: Callable[[Path], object] | None = None,
+        check: Callable[[Path, dict[str, Any]], object] | None = None,
     ) -> dict[str, Any]:
         """Land an upload in the inbox (its sidecar first, both atomically); returns the job."""
         name = safe_name(filename)
-        _, sidecar_text = parse_settings(settings_text)
+        checked, sidecar_text = parse_settings(settings_text)
         with self._lock:
             name = self._free_inbox_name(name)
             record = Record(id=_new_id(), name=name, submitted=time.time())
@@ -150,7 +150,7 @@ class JobBook:
                 atomic_write(staged, lambda fh: shutil.copyfileobj(data, fh, 1 << 20))
                 if check is not None:
                     try:
-                        check(staged)
+                        check(staged, checked)
                     except CollageError as exc:
                         message = str(exc).replace(str(staged), name)
                         raise ApiError(400, message) from None
@@ -284,17 +284,18 @@ class JobBook:
     # -- joining uploads with the hot folder's status ----------------------------
     def _reconcile(self, snap: dict[str, Any]) -> None:
         """Bind each waiting upload to the hot folder's job of its name that started after it."""
-        running = snap.get("running") or None
+        running = _running(snap)
+        queued = [e for e in snap.get("queued") or [] if isinstance(e, dict) and e.get("job")]
         recent = [e for e in snap.get("recent") or [] if isinstance(e, dict)]
         by_job = {e.get("job"): e for e in recent}
         bound = self._claimed_jobs()
         changed = False
         for record in sorted(self._records.values(), key=lambda r: r.submitted):
             if record.job is None:
-                for entry in ([running] if running else []) + recent[::-1]:
-                    job, began = (
-                        entry.get("job"),
-                        _ts(entry.get("started") or entry.get("finished")),
+                for entry in running + queued + recent[::-1]:
+                    job = entry.get("job")
+                    began = _ts(
+                        entry.get("started") or entry.get("queued_at") or entry.get("finished")
                     )
                     if (
                         entry.get("name") == record.name
@@ -318,7 +319,7 @@ class JobBook:
         return jobs.union(*(r.earlier for r in self._records.values()))
 
     def _view(self, record: Record, snap: dict[str, Any]) -> dict[str, Any]:
-        running = snap.get("running") or {}
+        running = {r.get("job"): r for r in _running(snap)}
         view: dict[str, Any] = {
             "id": record.id,
             "name": record.name,
@@ -327,8 +328,8 @@ class JobBook:
         }
         if record.final is not None:
             return {**view, **self._finished(record.id, record.final)}
-        if record.job is not None and running.get("job") == record.job:
-            return {**view, **self._running(running)}
+        if record.job is not None and record.job in running:
+            return {**view, **self._running(running[record.job])}
         if self._present(record):
             return {**view, "state": "queued", "progress": {"done": 0, "total": 0}, "error": None}
         if time.time() - record.last_seen < LOST_AFTER_S:
@@ -375,6 +376,7 @@ class JobBook:
             "started": entry.get("started"),
             "finished": entry.get("finished"),
             "seconds": entry.get("seconds"),
+            "worker": entry.get("worker"),
             "variants": variants if state == "done" else [],
             "files": files,
             "entry": entry,
@@ -390,11 +392,10 @@ class JobBook:
         mine = self._claimed_jobs()
         waiting = {r.name for r in self._records.values() if r.job is None}
         out: list[dict[str, Any]] = []
-        running = snap.get("running")
-        if running and running.get("job") not in mine:
-            out.append(
-                {"id": running.get("job"), "name": running.get("name"), **self._running(running)}
-            )
+        for running in _running(snap):
+            if running.get("job") not in mine:
+                view = {"id": running.get("job"), "name": running.get("name")}
+                out.append({**view, **self._running(running)})
         for entry in snap.get("recent") or []:
             if isinstance(entry, dict) and entry.get("job") and entry["job"] not in mine:
                 out.append(
@@ -405,19 +406,16 @@ class JobBook:
                     }
                 )
         for item in list(snap.get("queued") or []) + list(snap.get("waiting") or []):
-            name = item.get("name")
-            # The status file's queue is not refreshed while a job runs: trust the inbox.
-            if name and name not in waiting and (self.layout.inbox / name).exists():
-                out.append(
-                    {
-                        "id": None,
-                        "name": name,
-                        "state": "queued",
-                        "progress": {"done": 0, "total": 0},
-                        "error": None,
-                        "note": item.get("reason"),
-                    }
-                )
+            name, job = item.get("name"), item.get("job")
+            if job:  # a farm's: claimed, waiting for a worker
+                shown = job not in mine
+                note = "waiting for a worker"
+            else:  # in the inbox (the status file's queue is stale while a job runs)
+                shown = bool(name) and name not in waiting and (self.layout.inbox / name).exists()
+                note = item.get("reason")
+            if shown:
+                queued = {"state": "queued", "progress": {"done": 0, "total": 0}, "error": None}
+                out.append({"id": job, "name": name, **queued, "note": note})
         return out
 
     # -- persistence -------------------------------------------------------------
@@ -439,6 +437,14 @@ class JobBook:
                 excess -= 1
         body = {"jobs": [asdict(r) for r in self._records.values()]}
         atomic_write_text(self._path, json.dumps(body, indent=1, ensure_ascii=False) + "\n")
+
+
+def _running(snap: dict[str, Any]) -> list[dict[str, Any]]:
+    """The jobs being rendered (a list; one without a farm)."""
+    running = snap.get("running") or []
+    if isinstance(running, dict):  # a status.json written before the farm existed
+        running = [running]
+    return [r for r in running if isinstance(r, dict)]
 
 
 def _new_id() -> str:

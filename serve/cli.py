@@ -9,8 +9,13 @@ from typing import Any
 import click
 
 from psd_collage.errors import CollageError
-from psd_collage.options import render_options, settings_from_options
-from watcher.cli import watch_options
+from psd_collage.options import (
+    policy_from_options,
+    policy_options,
+    render_options,
+    settings_from_options,
+)
+from watcher.cli import check_farm_options, watch_options
 from watcher.service import WatchOptions
 
 from .app import create_app, is_loopback
@@ -45,7 +50,14 @@ from .app import create_app, is_loopback
     metavar="MB",
     help="Largest document accepted by POST /api/jobs.",
 )
+@click.option(
+    "--broker",
+    metavar="URL",
+    help="Redis URL (redis://HOST:6379/0): queue jobs for psd-collage worker processes "
+    "(a farm) instead of rendering here.",
+)
 @watch_options
+@policy_options
 @render_options
 def serve(
     root: Path,
@@ -53,19 +65,22 @@ def serve(
     port: int,
     token: str | None,
     max_upload: int,
+    broker: str | None,
     preview: bool | None,
     poll: float | None,
     stable: float,
     **options: Any,
 ) -> None:
-    """HTTP API and live status page over the hot folder ROOT (renders in this process).
+    """HTTP API and live status page over the hot folder ROOT.
 
     Uploads (POST /api/jobs) land in ROOT/inbox like dropped files; files dropped
     by hand are rendered and shown too. Open http://HOST:PORT/ for the status page.
-    The render options are folder defaults, as for watch. Ctrl-C stops; the
-    running job is re-run at the next start.
+    Like watch, it renders in this process (the render and policy options are the
+    folder's defaults and limits), or with --broker queues for the farm's workers
+    and shows the farm's status. Ctrl-C stops; a running job is re-run at the next
+    start.
     """
-    from .backend import LocalBackend
+    from .backend import HotFolderBackend
 
     try:
         if not is_loopback(host) and not token:
@@ -74,7 +89,11 @@ def serve(
                 "(or set PSD_COLLAGE_TOKEN) so that only those who know it can use it"
             )
         settings = settings_from_options({**options, "preview": preview})
-        backend = LocalBackend(root, settings, WatchOptions(stable=stable, poll=poll))
+        policy = policy_from_options(options)
+        if broker:
+            check_farm_options(broker, settings, policy, command="serve")
+        watching = WatchOptions(stable=stable, poll=poll, broker=broker)
+        backend = HotFolderBackend(root, settings, watching, policy=policy)
         sock = _listen(host, port)
         app = create_app(
             backend, token=token, local_only=is_loopback(host), max_upload=max_upload * 1024**2

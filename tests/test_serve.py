@@ -28,7 +28,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     """(base URL, ROOT, a folder for inputs); --stable 1 keeps an upload queued for a second."""
     base = tmp_path_factory.mktemp("serve")
     root = base / "hot"
-    with serve_process(root, base / "serve.log", *TINY, "--stable", "1") as url:
+    args = [*TINY, "--stable", "1", "--max-steps", "20"]  # an operator's limit
+    with serve_process(root, base / "serve.log", *args) as url:
         yield url, root, base
 
 
@@ -154,6 +155,11 @@ def test_bad_uploads_get_one_plain_reason(server) -> None:
     )
     reply = upload(url, base / "typo.psd", '{"variants": 500}')
     assert reply.status_code == 400 and "out of range" in reply.json()["error"]
+    # The operator's policy holds for uploads as for sidecars.
+    reply = upload(url, base / "typo.psd", "steps = 30")
+    assert reply.status_code == 400 and "over the limit max_steps=20" in reply.json()["error"]
+    reply = upload(url, base / "typo.psd", "allow_pickle = true")
+    assert reply.status_code == 400 and "operator-only" in reply.json()["error"]
     assert httpx.post(f"{url}/api/jobs", data={"x": "1"}).status_code == 400
     assert not any(p.name.startswith(("fake", "typo")) for p in (root / "inbox").iterdir())
     assert httpx.get(f"{url}/api/jobs/nope").status_code == 404

@@ -22,7 +22,7 @@ from serve_helpers import make_psd, serve_in_thread, wait_for
 
 from psd_collage.render import Renderer
 from serve.app import create_app
-from serve.backend import LocalBackend
+from serve.backend import HotFolderBackend
 from watcher.service import WatchOptions
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -81,7 +81,7 @@ def browser():
 
 def test_the_page_shows_queue_running_results_and_failures_live(browser, tmp_path: Path) -> None:
     settings = {"model": "tiny", "steps": 8, "variants": 2, "seed": 1}
-    backend = LocalBackend(
+    backend = HotFolderBackend(
         tmp_path / "hot",
         settings,
         WatchOptions(stable=0.1),

@@ -5,7 +5,7 @@ Registered on the main CLI group; the render options come from the shared home.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +85,7 @@ def watch(
         settings = settings_from_options({**options, "preview": preview})
         policy = policy_from_options(options)
         if broker:
-            _check_broker(broker)
-            given = sorted({*settings, *policy} - {"preview"})
-            if given:
-                raise CollageError(
-                    f"with --broker the workers render: give --{given[0].replace('_', '-')} to "
-                    "psd-collage worker (or put it in ROOT/collage.toml), not to watch"
-                )
+            check_farm_options(broker, settings, policy, command="watch")
         if str(settings.get("model", "")).startswith("tiny"):
             click.echo(
                 "note: --model tiny has random weights: every step runs but the pictures "
@@ -106,6 +100,19 @@ def watch(
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+def check_farm_options(
+    broker: str, settings: Mapping[str, Any], policy: Mapping[str, Any], *, command: str
+) -> None:
+    """With --broker the workers render: render and policy options belong to them."""
+    _check_broker(broker)
+    given = sorted({*settings, *policy} - {"preview"})
+    if given:
+        raise CollageError(
+            f"with --broker the workers render: give --{given[0].replace('_', '-')} to "
+            f"psd-collage worker (or put it in ROOT/collage.toml), not to {command}"
+        )
 
 
 def _check_broker(url: str) -> None:

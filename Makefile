@@ -44,6 +44,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_watch.py
 	$(PY) benchmarks/bench_ti.py
 	$(PY) benchmarks/bench_farm.py
+	$(PY) benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -99,7 +99,8 @@ class Client {
   async submit(name, data, settings) {
     const { body, contentType } = multipart(settings ? { settings } : {}, { name, data });
     const response = await this.request("/api/jobs", {
-      method: "POST", body, headers: { "Content-Type": contentType } });
+      // An ArrayBuffer: the body type every fetch (UXP's included) takes.
+      method: "POST", body: body.buffer, headers: { "Content-Type": contentType } });
     return response.json();
   }
 

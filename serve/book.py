@@ -141,29 +141,28 @@ class JobBook:
         """Land an upload in the inbox (its sidecar first, both atomically); returns the job."""
         name = safe_name(filename)
         checked, sidecar_text = parse_settings(settings_text)
-        with self._lock:
-            name = self._free_inbox_name(name)
-            record = Record(id=_new_id(), name=name, submitted=time.time())
-            inbox = self.layout.inbox
-            staged = self.layout.root / f".upload-{record.id}{Path(name).suffix}"
-            try:
-                atomic_write(staged, lambda fh: shutil.copyfileobj(data, fh, 1 << 20))
-                if check is not None:
-                    try:
-                        check(staged, checked)
-                    except CollageError as exc:
-                        message = str(exc).replace(str(staged), name)
-                        raise ApiError(400, message) from None
+        job_id = _new_id()
+        staged = self.layout.root / f".upload-{job_id}{Path(name).suffix}"
+        try:  # copied and checked outside the lock: a big upload does not stall the API
+            atomic_write(staged, lambda fh: shutil.copyfileobj(data, fh, 1 << 20))
+            if check is not None:
+                try:
+                    check(staged, checked)
+                except CollageError as exc:
+                    raise ApiError(400, str(exc).replace(str(staged), name)) from None
+            with self._lock:
+                name = self._free_inbox_name(name)
+                record = Record(id=job_id, name=name, submitted=time.time())
                 if sidecar_text:
-                    atomic_write_text(inbox / sidecar_name(name), sidecar_text)
-                os.rename(staged, inbox / name)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    staged.unlink()
-            record.last_seen = time.time()
-            self._records[record.id] = record
-            self._save()
-            return self._view(record, self._snapshot())
+                    atomic_write_text(self.layout.inbox / sidecar_name(name), sidecar_text)
+                os.rename(staged, self.layout.inbox / name)
+                record.last_seen = time.time()
+                self._records[record.id] = record
+                self._save()
+                return self._view(record, self._snapshot())
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
 
     def _free_inbox_name(self, name: str) -> str:
         """``name``, or ``stem (2).psd``...: free in the inbox and among pending uploads."""

@@ -134,7 +134,7 @@ class HotFolderBackend:
 
     def check_upload(self, path: Path, settings: Mapping[str, Any]) -> None:
         """The policy and the document's header, before the upload joins the queue."""
-        from psd_collage.psd.reader import check_header
+        from psd_collage.psd.header import check_header
         from psd_collage.settings import Settings
 
         merged = Settings().updated(self.service.defaults, where="folder defaults")

@@ -412,6 +412,14 @@ def test_once_sorts_good_and_bad_files_and_reports_them(tmp_path: Path) -> None:
 
     status = json.loads(layout.status_file.read_text())
     assert status["state"] == "stopped" and status["counts"] == {"done": 2, "failed": 4}
+    assert status["mode"] == "single" and status["queued"] == [] and status["running"] == []
+    from click.testing import CliRunner
+
+    from psd_collage.cli import main
+
+    shown = CliRunner().invoke(main, ["status", str(tmp_path)]).stdout
+    assert shown.startswith("hot folder: stopped - 0 queued, 0 running, 2 done, 4 failed")
+    assert "failed photo.psd -> failed/photo.psd: photo.psd: " in shown
     outcomes = {r["name"]: r["outcome"] for r in status["recent"]}
     assert outcomes["good.psd"] == "done" and outcomes["photo.psd"] == "failed"
     good = next(r for r in status["recent"] if r["name"] == "good.psd")

@@ -8,7 +8,9 @@ from typing import Any
 def format_status(data: dict[str, Any], *, recent: int = 10) -> str:
     """A few lines: the totals, then running, queued, waiting, workers and recent jobs."""
     counts = data.get("counts") or {}
-    where = f"farm via {data['broker']}" if data.get("broker") else data.get("mode", "single")
+    where = "farm" if data.get("mode") == "farm" else "hot folder"
+    if data.get("broker"):
+        where += f" via {data['broker']}"
     lines = [
         f"{where}: {data.get('state', '?')} - {len(data.get('queued') or [])} queued, "
         f"{len(data.get('running') or [])} running, {counts.get('done', 0)} done, "

@@ -337,6 +337,7 @@ class WatchService:
             self._unclaimable[cand.name] = cand.signature
             return False
         self.tracker.forget([cand.name])
+        self.board.queued = [q for q in self.board.queued if q["name"] != cand.name]
         if job is None:
             log.info("%s was taken by another watcher", cand.name)
             return False

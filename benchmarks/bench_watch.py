@@ -6,8 +6,12 @@
 (b) throughput: 20 small files through one watcher (--once: the model is loaded
     once and kept warm) versus 20 separate ``psd-collage render`` runs (a cold
     start each), in jobs per minute, and the ratio.
+(c) switching: files whose sidecars alternate between two models (tiny, tiny-sdxl)
+    through one warm Renderer, as the watcher and a farm worker hold it: with the
+    model cache (both stay loaded) versus a cache with room for one model (every
+    switch reloads, as before the cache); model loads and jobs per minute.
 
-Usage: python benchmarks/bench_watch.py [--json] [--files 20] [--steps 1]
+Usage: python benchmarks/bench_watch.py [--json] [--files 20] [--steps 1] [--only switching]
 """
 
 from __future__ import annotations
@@ -145,6 +149,33 @@ def throughput_cli(work: Path, files: int, steps: int) -> dict:
     return {"files": files, "wall_s": round(wall, 2), "jobs_per_min": round(60 * files / wall, 1)}
 
 
+def switching(work: Path, files: int, steps: int, budget: int | None) -> dict:
+    """(c): one in-process Renderer, sidecars alternating between two models."""
+    from psd_collage.engine.cache import ModelCache
+    from psd_collage.render import Renderer
+
+    folder = work / f"switching-{budget}"
+    folder.mkdir()
+    models = ["tiny", "tiny-sdxl"]
+    for i in range(files):
+        make_psd(folder / f"f{i:02d}.psd", i)
+        (folder / f"f{i:02d}.psd.toml").write_text(f'model = "{models[i % 2]}"\n')
+    options = {"steps": steps, "variants": 1, "seed": 1}
+    cache = ModelCache(max_bytes=budget)
+    renderer = Renderer(overrides=options, cache=cache)
+    start = time.perf_counter()
+    for i in range(files):
+        renderer.render_file(folder / f"f{i:02d}.psd")
+    wall = time.perf_counter() - start
+    return {
+        "cache": "room for one model" if budget else "default budget",
+        "files": files,
+        "model_loads": cache.loads.get("model", 0),
+        "wall_s": round(wall, 2),
+        "jobs_per_min": round(60 * files / wall, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -152,11 +183,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--drops", type=int, default=5, help="files for the latency test")
     parser.add_argument("--stable", type=float, default=0.5)
+    parser.add_argument("--only", choices=["switching"], help="run one part only")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-watch-") as tmp:
         work = Path(tmp)
-        results = {
+        # The cache first holds both models; then room for one (1 byte: each load evicts).
+        cached = switching(work, args.files, args.steps, None)
+        single = switching(work, args.files, args.steps, 1)
+        results = {"switching": [cached, single]}
+        if args.only == "switching":
+            print_switching(results, args.json)
+            return
+        results |= {
             "latency": [
                 latency(work, args.steps, args.drops, args.stable, None),
                 latency(work, args.steps, args.drops, args.stable, 1.0),
@@ -183,6 +222,22 @@ def main() -> None:
     )
     print(f"render CLI x{c['files']}: {c['wall_s']} s = {c['jobs_per_min']} jobs/min")
     print(f"warm watcher / cold CLI runs: {results['speedup']}x")
+    print_switching(results, False)
+
+
+def print_switching(results: dict, as_json: bool) -> None:
+    cached, single = results["switching"]
+    if as_json:
+        print(json.dumps(results))
+        return
+    for row in (cached, single):
+        print(
+            f"alternating tiny / tiny-sdxl, {row['cache']}: {row['files']} files, "
+            f"{row['model_loads']} model loads, {row['wall_s']} s = {row['jobs_per_min']} jobs/min"
+        )
+    print(
+        f"model cache / one model at a time: {cached['jobs_per_min'] / single['jobs_per_min']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

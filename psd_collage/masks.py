@@ -76,19 +76,38 @@ def noise_map(collage: Collage) -> np.ndarray:
     The uncovered background gets ``collage.background_noise``. In an edit only ``redo``
     layers may change: everything else is 0 (pinned to the base).
     """
-    size = collage.document.size
     editing = collage.editing
-    if editing:
-        out = np.zeros((size[1], size[0]), np.float32)
+    values = [0.0 if editing and not layer.redo else layer.noise for layer in collage.layers]
+    return paint_layers(collage, values, 0.0 if editing else collage.background_noise)
+
+
+def control_map(collage: Collage, default_canny: float) -> np.ndarray:
+    """The ControlNet's spatial conditioning scale, (H, W) float32: each layer's ``canny``
+    painted through its visible mask (the authors' ``generate_control_mask``); layers
+    without a ``canny`` tag and the uncovered background get ``default_canny``."""
+    values = [
+        layer.options.canny if layer.options.canny is not None else default_canny
+        for layer in collage.layers
+    ]
+    return paint_layers(collage, values, default_canny)
+
+
+def paint_layers(collage: Collage, values: Sequence[float], background: float) -> np.ndarray:
+    """``values[i]`` painted through layer i's visible mask over ``background``, (H, W) float32.
+
+    The visible masks and the background mask sum to 1, so a pixel shared by a
+    half-transparent layer and what shows through it gets the blend of both.
+    """
+    size = collage.document.size
+    if background:
+        out = background_mask(collage.layers, size) * np.float32(background)
     else:
-        out = background_mask(collage.layers, size) * np.float32(collage.background_noise)
-    for layer in collage.layers:
-        if editing and not layer.redo:
-            continue
-        if layer.noise == 0.0:
+        out = np.zeros((size[1], size[0]), np.float32)
+    for layer, value in zip(collage.layers, values, strict=True):
+        if value == 0.0:
             continue
         left, top, right, bottom = layer.box
-        out[top:bottom, left:right] += layer.visible * np.float32(layer.noise)
+        out[top:bottom, left:right] += layer.visible * np.float32(value)
     return np.clip(out, 0.0, 1.0, out=out)
 
 

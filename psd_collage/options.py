@@ -91,8 +91,10 @@ def setting_option(entry: Setting) -> Callable:
     if entry.type is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", entry.name, **kwargs)
     if spec.multiple:
-        kwargs.update(multiple=True, type=entry.type)
+        kwargs.update(multiple=True, type=entry.type, show_default=spec.default_text or False)
         kwargs.pop("default", None)
+        if spec.rule:
+            kwargs["callback"] = _checked_by(entry)
         return click.option(flag, entry.name, **kwargs)
     if spec.choices is not None:
         kwargs["type"] = click.Choice(spec.choices)
@@ -102,7 +104,7 @@ def setting_option(entry: Setting) -> Callable:
         kwargs["type"] = kind(entry.type(low), entry.type(high))
     else:
         kwargs["type"] = entry.type
-    if spec.multiple_of:
+    if spec.multiple_of or spec.rule:
         kwargs["callback"] = _checked_by(entry)
     return click.option(flag, entry.name, **kwargs)
 

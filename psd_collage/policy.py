@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CollageError, SettingsError
-from .settings import POLICY_SETTINGS, SETTINGS, PolicyLimits, read_toml, validate_settings
+from .settings import (
+    POLICY_SETTINGS,
+    SETTINGS,
+    PolicyLimits,
+    read_toml,
+    relative_paths,
+    validate_settings,
+)
 
 
 class PolicyError(CollageError):
@@ -138,7 +145,7 @@ def read_folder_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]
     where = f"{path} [policy]"
     if not isinstance(table, Mapping):
         raise SettingsError(f"{path}: policy must be a table: [policy]")
-    defaults = validate_settings(data, where=str(path))
+    defaults = relative_paths(validate_settings(data, where=str(path)), Path(path).parent)
     if "max_pixels" in table:
         limit = SETTINGS["max_pixels"].check(table.pop("max_pixels"), where=where)
         defaults["max_pixels"] = min(limit, defaults.get("max_pixels", limit))

@@ -20,11 +20,11 @@ import numpy as np
 
 from . import masks
 from .collage import Collage
-from .errors import CollageError
+from .errors import CollageError, SettingsError, TagError
 from .geometry import DocumentSized, composite_up_to, resize_rgb, visible_mask_at
 from .policy import Policy
 from .preview import preview_path, preview_source, write_preview
-from .settings import Settings, read_sidecar, sidecar_path, validate_settings
+from .settings import LoraSpec, Settings, read_sidecar, sidecar_path, validate_settings
 
 #: progress(phase, done, total); phases: "load", "ti", "sample", "write".
 Progress = Callable[[str, int, int], None]
@@ -75,11 +75,14 @@ class Renderer:
         defaults: Mapping[str, Any] | None = None,
         overrides: Mapping[str, Any] | None = None,
         policy: Policy | None = None,
+        *,
+        cache: Any = None,
     ) -> None:
+        """``cache``: a :class:`psd_collage.engine.cache.ModelCache` to share (default: own)."""
         self._defaults = validate_settings(defaults or {}, where="folder defaults")
         self._overrides = validate_settings(overrides or {}, where="command line")
         self.policy = policy  # the operator's limits (hot folder, farm); None: none
-        self._engine = None
+        self._cache = cache
 
     def settings_for(self, path: Path, sidecar: Path | None = None) -> Settings:
         """Built-in < folder defaults < the file's sidecar < command line, within the policy."""
@@ -92,15 +95,56 @@ class Renderer:
             self.policy.check_settings(settings, path=path)
         return settings
 
-    def engine_for(self, settings: Settings):
-        """The engine for these settings, reused while the model options stay the same."""
-        options = settings.engine_options()
-        if self._engine is None or options != self._engine.options:
-            from .engine import load_engine  # torch is imported only when a render needs it
+    @property
+    def cache(self):
+        """The warm models (engines, ControlNets, LoRA files), made on first use."""
+        if self._cache is None:
+            from .engine.cache import ModelCache  # torch is imported only when a render needs it
 
-            self._engine = None  # free the old model before loading the next
-            self._engine = load_engine(options)
-        return self._engine
+            self._cache = ModelCache()
+        return self._cache
+
+    def engine_for(self, settings: Settings):
+        """The engine for these settings from the warm cache (kept by its options), with
+        the ControlNet and LoRAs the settings name attached and any others taken off."""
+        from .engine import load_engine  # torch is imported only when a render needs it
+        from .engine.cache import module_bytes, tensors_bytes
+        from .engine.controlnet import load_controlnet
+        from .engine.lora import LoadedLora, lora_identity, read_lora
+
+        options = settings.engine_options()
+        engine = self.cache.get(
+            "model",
+            options,
+            lambda: load_engine(options),
+            lambda loaded: module_bytes(module for _, module in loaded.components.modules()),
+        )
+        controlnet = None
+        if settings.controlnet:
+            controlnet = self.cache.get(
+                "controlnet",
+                (settings.controlnet, options),
+                lambda: load_controlnet(
+                    settings.controlnet,
+                    engine.components.unet,
+                    dtype=engine.dtype,
+                    allow_pickle=settings.allow_pickle,
+                ),
+                lambda model: module_bytes([model]),
+            )
+        engine.use_controlnet(controlnet, settings.controlnet)
+        loras = []
+        for spec in map(LoraSpec.parse, settings.lora):
+            identity = lora_identity(spec.path)
+            tensors = self.cache.get(
+                "lora",
+                identity,
+                lambda spec=spec: read_lora(spec.path, allow_pickle=settings.allow_pickle),
+                tensors_bytes,
+            )
+            loras.append(LoadedLora(spec.path, identity, tensors, spec.scale))
+        engine.use_loras(loras)
+        return engine
 
     def render_file(
         self,
@@ -130,6 +174,7 @@ class Renderer:
             if self.policy is not None:
                 self.policy.check_canvas(document_size(path), settings.max_pixels, path=path)
             collage = read_collage(path, settings)
+            check_canny(collage, settings)
         with _timed(job.timings, "load"):
             job.notify("load", 0, 1)
             engine = self.engine_for(settings)
@@ -288,6 +333,7 @@ class RenderPlan:
     strength: np.ndarray  # (h, w) float32, blurred
     prompt: str  # the collage's prompt, learned tokens in front of their captions
     phrases: list  # engine SteeredPhrase, learned tokens included
+    control: np.ndarray | None = None  # (h, w) ControlNet scale (canny), None: no ControlNet
 
     def request(self, negative: str, seed: int, settings: Settings):
         """The engine request: one variant per seed from ``seed`` on."""
@@ -302,6 +348,7 @@ class RenderPlan:
             seeds=[seed + k for k in range(settings.variants)],
             steps=settings.steps,
             guidance=settings.guidance,
+            control=self.control,
         )
 
 
@@ -314,6 +361,29 @@ def changeable_noise(collage: Collage) -> np.ndarray:
             path=collage.document.path,
         )
     return noise
+
+
+def check_canny(collage: Collage, settings: Settings) -> bool:
+    """Whether a ControlNet is in use; a ``canny`` without one is one error naming the layer
+    (or the setting) that asked for it, before any model is loaded."""
+    asking = [layer for layer in collage.layers if layer.options.canny]
+    if not settings.controlnet:
+        if asking:
+            layer = asking[0]
+            raise TagError(
+                f"layer {layer.name!r} asks for canny={layer.options.canny:g}, which needs a "
+                "ControlNet: pass --controlnet (a canny ControlNet for this model) or remove "
+                "the canny tag",
+                path=collage.document.path,
+            )
+        if settings.canny:
+            raise SettingsError(
+                f"canny={settings.canny:g} needs a ControlNet: pass --controlnet (a canny "
+                "ControlNet for this model) or set canny to 0",
+                path=collage.document.path,
+            )
+        return False
+    return True
 
 
 def inversion_layers(collage: Collage, settings: Settings) -> list[int]:
@@ -370,7 +440,19 @@ def plan_render(
         strength=masks.strength_map(noise, work_size),
         prompt=prompt,
         phrases=phrases,
+        control=control_at(collage, settings, work_size),
     )
+
+
+def control_at(
+    collage: Collage, settings: Settings, work_size: tuple[int, int]
+) -> np.ndarray | None:
+    """The ControlNet's scale map (canny) at the working size; None without a ControlNet
+    or where no pixel asks for one."""
+    if not check_canny(collage, settings):
+        return None
+    control = masks.control_map(collage, settings.canny)
+    return masks.resize_map(control, work_size) if control.any() else None
 
 
 def learn_layer_tokens(

@@ -14,7 +14,7 @@ import dataclasses
 import re
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,9 @@ class LayerOptions:
     )
     outside: float | None = _tag(
         "weight", "how strongly the caption is pushed out of the rest of the image"
+    )
+    canny: float | None = _tag(
+        "unit", "how strongly a canny ControlNet holds this layer's outlines (needs --controlnet)"
     )
 
     def merged(self, other: LayerOptions) -> LayerOptions:
@@ -181,6 +184,32 @@ DTYPES = ("float16", "bfloat16", "float32")
 RESOLUTION_STEP = 64
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """One ``--lora PATH[:SCALE]`` (also a sidecar's ``lora = ["PATH:SCALE", ...]``)."""
+
+    path: str
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """``style.safetensors:0.8`` -> (path, 0.8); a tail that is no number is path
+        (``C:\\loras\\style.safetensors``). ValueError for a scale outside -4..4."""
+        path, sep, tail = text.rpartition(":")
+        if not sep or not path:
+            return cls(text)
+        try:
+            scale = float(tail)
+        except ValueError:
+            return cls(text)
+        if not -4.0 <= scale <= 4.0:
+            raise ValueError(f"LoRA scale {scale:g} is outside -4..4")
+        return cls(path, scale)
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.scale:g}"
+
+
 # ---------------------------------------------------------------------------
 # Document / render settings: the registry
 # ---------------------------------------------------------------------------
@@ -202,6 +231,8 @@ class SettingSpec:
     default_text: str | None = None  # what the default means, where it is None
     option: bool = True  # False: no command-line option (the command sets it, or sidecars do)
     sidecar: bool = True  # False: operator-only; a designer's NAME.psd.toml may not set it
+    rule: Callable[[Any], Any] | None = None  # one value -> normalised, or ValueError(why)
+    paths: bool = False  # file paths: in a sidecar, relative ones are relative to the sidecar
 
 
 def setting(default: Any, help: str, **spec: Any) -> Any:
@@ -254,6 +285,28 @@ class Settings:
     )
     noise: float = setting(
         0.6, "Noise for layers without a noise tag (0 keeps, 1 repaints).", range=(0, 1)
+    )
+    canny: float = setting(
+        0.0,
+        "Canny strength for layers without a canny tag (0 frees shapes, 1 holds outlines; "
+        "needs --controlnet).",
+        range=(0, 1),
+    )
+    controlnet: str | None = setting(
+        None,
+        "Canny ControlNet for the model (SD 1.x or SDXL): hub id, diffusers folder, "
+        "single .safetensors, or 'tiny'.",
+        unit="MODEL",
+        default_text="none",
+    )
+    lora: tuple[str, ...] = setting(
+        (),
+        "LoRA .safetensors (kohya or diffusers), fused at SCALE (default 1); repeat for more.",
+        multiple=True,
+        unit="PATH[:SCALE]",
+        default_text="none",
+        rule=lambda text: str(LoraSpec.parse(text)),
+        paths=True,
     )
     ti: bool = setting(False, "Textual inversion for every captioned layer.")
     ti_steps: int = setting(250, "Textual inversion steps per layer.", range=(1, 100_000))
@@ -353,6 +406,11 @@ class Setting:
             )
         if spec.multiple_of and value % spec.multiple_of:
             raise SettingsError(f"{where}: {key} {value} must be a multiple of {spec.multiple_of}")
+        if spec.rule is not None:
+            try:
+                value = spec.rule(value)
+            except ValueError as error:
+                raise SettingsError(f"{where}: setting {key}={value!r}: {error}") from None
         return float(value) if self.type is float else value
 
 
@@ -482,7 +540,23 @@ def read_sidecar(path: str | Path, *, designer: bool = True) -> dict[str, Any]:
     """Read and validate a TOML sidecar: a designer's ``NAME.psd.toml``, or with
     ``designer=False`` the operator's folder defaults (``collage.toml``)."""
     path = Path(path)
-    return validate_settings(read_toml(path), where=str(path), designer=designer)
+    values = validate_settings(read_toml(path), where=str(path), designer=designer)
+    return relative_paths(values, path.parent)
+
+
+def relative_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """File paths a TOML file gives (``lora = ["style.safetensors"]``) are relative to its
+    folder, not to wherever the hot folder or the worker was started."""
+    for key, entry in SETTINGS.items():
+        if not entry.spec.paths or key not in values:
+            continue
+        items = values[key] if entry.spec.multiple else (values[key],)
+        resolved = tuple(
+            item if item.startswith("~") or Path(item).is_absolute() else str(folder / item)
+            for item in items
+        )
+        values[key] = resolved if entry.spec.multiple else resolved[0]
+    return values
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

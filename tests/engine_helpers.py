@@ -2,10 +2,14 @@
 
 Torch runs single-threaded here: on a 2-core machine shared with other test runs,
 two OpenMP threads spin against each other and make tiny models ~10x slower.
+
+``PSD_COLLAGE_TEST_DEVICE`` / ``PSD_COLLAGE_TEST_DTYPE`` (e.g. ``cuda`` / ``fp16``) move the
+tiny engines onto another device: ``benchmarks/gpu_check.sh`` runs the engine tests so.
 """
 
 from __future__ import annotations
 
+import os
 from functools import cache
 
 import numpy as np
@@ -15,11 +19,16 @@ from psd_collage.engine import Engine, GenerationRequest, SteeredPhrase, load_en
 
 torch.set_num_threads(1)
 
+DEVICE = os.environ.get("PSD_COLLAGE_TEST_DEVICE", "cpu")
+DTYPE = os.environ.get("PSD_COLLAGE_TEST_DTYPE") or None
+#: How close two pictures computed in different batch shapes are: float rounding only.
+IMAGE_ATOL = 1e-4 if DTYPE in (None, "fp32", "float32") else 5e-3
+
 
 @cache
 def tiny_engine(model: str = "tiny", scheduler: str = "euler_ancestral") -> Engine:
-    """A tiny engine on CPU (cached: building and importing is the slow part)."""
-    return load_engine(model, device="cpu", scheduler=scheduler)
+    """A tiny engine on the test device, CPU by default (cached: building is the slow part)."""
+    return load_engine(model, device=DEVICE, dtype=DTYPE, scheduler=scheduler)
 
 
 def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:

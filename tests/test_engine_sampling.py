@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from engine_helpers import random_image, tiny_engine
+from engine_helpers import IMAGE_ATOL, random_image, tiny_engine
 
 from psd_collage.engine import GenerationRequest
 from psd_collage.errors import Cancelled
@@ -63,7 +63,7 @@ def test_same_seed_same_image_also_in_a_batch_and_different_seeds_differ():
     image, strength = random_image(128, 128), np.full((128, 128), 0.8, np.float32)
     alone = engine.generate(GenerationRequest(image, strength, "a dog", seeds=[3], steps=5))
     batch = engine.generate(GenerationRequest(image, strength, "a dog", seeds=[7, 3], steps=5))
-    np.testing.assert_allclose(alone.images[0], batch.images[1], atol=1e-4)
+    np.testing.assert_allclose(alone.images[0], batch.images[1], atol=IMAGE_ATOL)
     assert np.abs(batch.images[0] - batch.images[1]).mean() > 1e-3
     engine.max_batch = 1  # one variant at a time: same images
     try:
@@ -71,7 +71,7 @@ def test_same_seed_same_image_also_in_a_batch_and_different_seeds_differ():
     finally:
         engine.max_batch = 4
     for a, b in zip(single.images, batch.images, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4)
+        np.testing.assert_allclose(a, b, atol=IMAGE_ATOL)
     assert all(img.shape == (128, 128, 3) and img.dtype == np.float32 for img in alone.images)
     assert batch.images[0].min() >= 0.0 and batch.images[0].max() <= 1.0
     assert set(alone.timings) == {"encode", "sample", "decode"}

@@ -261,3 +261,24 @@ def test_every_photoshop_fixture_renders_or_fails_clearly(
     group = out[-1]
     assert group.name.startswith("[harmonized]") and [v.name for v in group] == ["seed 7"]
     assert group[0].size == src.size and group[0].visible
+
+
+@pytest.mark.parametrize(("budget", "loads"), [(None, 2), (1, 4)])
+def test_a_warm_renderer_switches_between_models_without_reloading(
+    collage_psd, tmp_path, budget, loads
+):
+    """Files alternating between two models load each once while both fit in the budget;
+    with room for one only, each switch reloads (and frees the other first)."""
+    from psd_collage.engine.cache import ModelCache
+
+    cache = ModelCache(max_bytes=budget)
+    options = {**TINY, "variants": 1, "steps": 1, "preview": False}
+    del options["model"]  # the sidecar names it: the command line would win over it
+    renderer = Renderer(overrides=options, cache=cache)
+    sidecar = collage_psd.with_name(collage_psd.name + ".toml")
+    for i, model in enumerate(["tiny", "tiny-sdxl", "tiny", "tiny-sdxl"]):
+        sidecar.write_text(f'model = "{model}"\n')
+        result = renderer.render_file(collage_psd, tmp_path / f"out{i}.psd")
+        assert result.settings["model"] == model
+    assert cache.loads == {"model": loads}
+    assert cache.hits.get("model", 0) == 4 - loads

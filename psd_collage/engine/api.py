@@ -8,17 +8,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from diffusers import ControlNetModel
 
 from ..errors import SettingsError
 from ..settings import EngineOptions
 from .attention import AttentionRecorder, SteeringState, install_processors
+from .controlnet import ControlInputs, canny_edges, check_fits
+from .lora import LoadedLora, Originals, fuse_loras, unfuse_loras
 from .models import (
     ModelComponents,
     check_scheduler,
@@ -64,6 +67,9 @@ class GenerationRequest:
     seeds: list[int] = field(default_factory=lambda: [0])
     steps: int = 50
     guidance: float = 7.0
+    # (h, w) float32 in [0, 1]: how strongly the ControlNet holds each pixel's canny edges
+    # (the layers' canny strengths painted through their masks); None or all 0: no ControlNet.
+    control: np.ndarray | None = None
 
 
 @dataclass
@@ -103,6 +109,10 @@ class Engine:
         self.cpu_offload = options.cpu_offload
         self.max_batch = max(1, max_batch)
         components.scheduler = make_scheduler(options.scheduler, components.scheduler.config)
+        self.controlnet: ControlNetModel | None = None
+        self.controlnet_name: str | None = None
+        self._loras: tuple[tuple[tuple[str, int, int], float], ...] = ()  # fused now
+        self._lora_originals: Originals = {}
         self.steering = SteeringState()
         install_processors(
             components.unet, self.steering, attention_slicing=options.attention_slicing
@@ -142,6 +152,39 @@ class Engine:
                 torch.cuda.empty_cache()
 
     # -- public API --------------------------------------------------------------------
+
+    @property
+    def model_identity(self) -> str:
+        """The model and the LoRAs fused into it: what learned tokens and caches key on."""
+        if not self._loras:
+            return str(self.model_name)
+        parts = [f"{path}#{size}.{mtime}@{scale:g}" for (path, size, mtime), scale in self._loras]
+        return " + ".join([str(self.model_name), *parts])
+
+    def use_controlnet(self, controlnet: ControlNetModel | None, name: str | None = None) -> None:
+        """Attach (or with None detach) a canny ControlNet that fits this model."""
+        if controlnet is not None:
+            check_fits(controlnet, self.components.unet, name or "ControlNet")
+            if controlnet.dtype != self.dtype:
+                controlnet.to(dtype=self.dtype)
+            controlnet.to(torch.device("cpu") if self.cpu_offload else self.device)
+        self.controlnet, self.controlnet_name = controlnet, name if controlnet is not None else None
+
+    def use_loras(self, loras: Sequence[LoadedLora]) -> None:
+        """Fuse exactly these LoRAs, taking the ones fused before off first.
+
+        Nothing happens when the set is the one already fused; taking LoRAs off restores
+        the original weights bit for bit.
+        """
+        wanted = tuple(lora.key for lora in loras)
+        if wanted == self._loras:
+            return
+        if self._lora_originals:
+            unfuse_loras(self.components, self._lora_originals)
+            self._lora_originals, self._loras = {}, ()
+        if loras:
+            self._lora_originals = fuse_loras(self.components, loras)
+            self._loras = wanted
 
     def working_size(self, size: tuple[int, int], resolution: int | None = None) -> tuple[int, int]:
         """(w, h) multiples of 64 with area about resolution^2 and the document's aspect."""
@@ -223,6 +266,7 @@ class Engine:
             result = GenerationResult([image.copy() for _ in seeds], prompt, warnings, timings)
             return result, original.expand(len(seeds), -1, -1, -1).clone(), original
 
+        control = self._control_inputs(request, latent_size)
         self._set_steering(request, spans, latent_size)
         chunks = [seeds[i : i + self.max_batch] for i in range(0, len(seeds), self.max_batch)]
         total = steps_run * len(chunks)
@@ -240,7 +284,7 @@ class Engine:
             for chunk in chunks:
                 conditioning = self._conditioning(cond, uncond, len(chunk), (height, width))
                 started = time.perf_counter()
-                with self.on_device(components.unet):
+                with self.on_device(components.unet, *([control.model] if control else [])):
                     latents = denoise(
                         components.unet,
                         make_scheduler(self.scheduler_name, components.scheduler.config),
@@ -253,6 +297,7 @@ class Engine:
                         state=self.steering,
                         on_step=on_step,
                         cancel=cancel,
+                        control=control,
                     )
                 timings["sample"] += time.perf_counter() - started
                 if not decode:
@@ -306,6 +351,21 @@ class Engine:
             added = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}
         return Conditioning(hidden, added, cond_start=n if uncond is not None else 0)
 
+    def _control_inputs(
+        self, request: GenerationRequest, latent_size: tuple[int, int]
+    ) -> ControlInputs | None:
+        """The ControlNet's edge image and scale map, or None when no pixel asks for it."""
+        if request.control is None or float(np.max(request.control, initial=0.0)) <= 0.0:
+            return None
+        if self.controlnet is None:
+            raise SettingsError("canny needs a ControlNet: pass --controlnet (a canny ControlNet)")
+        edges = torch.from_numpy(canny_edges(request.image)).permute(2, 0, 1)[None]
+        return ControlInputs(
+            model=self.controlnet,
+            image=edges.to(self.device, self.controlnet.dtype),
+            scale=strength_to_latents(request.control, latent_size, self.device),
+        )
+
     def _set_steering(
         self,
         request: GenerationRequest,
@@ -349,6 +409,8 @@ def _validate(request: GenerationRequest) -> None:
             raise ValueError(
                 f"mask of {phrase.text!r} is {phrase.mask.shape}, not {(height, width)}"
             )
+    if request.control is not None and request.control.shape != (height, width):
+        raise ValueError(f"control {request.control.shape} must be {(height, width)}")
     if not request.seeds:
         raise ValueError("at least one seed is needed")
     if request.steps < 1:

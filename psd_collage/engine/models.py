@@ -16,10 +16,10 @@ import socket
 import tempfile
 import urllib.parse
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import diffusers
 import torch
@@ -46,6 +46,7 @@ from ..errors import ModelError, SettingsError
 from ..settings import SCHEDULERS
 from .tiny_vocab import build_tiny_tokenizer
 
+T = TypeVar("T")
 TINY_MODELS = {"tiny": "sd1", "tiny-sdxl": "sdxl"}
 #: Trained models shipped inside the package (diffusers folders), by ``--model`` name.
 PACKAGED_MODELS = {"shapes": Path(__file__).resolve().parent.parent / "shapes" / "weights"}
@@ -688,26 +689,39 @@ def _load_hub_quietly(repo_id: str, dtype: torch.dtype, allow_pickle: bool) -> M
         f"download it once with `huggingface-cli download {repo_id}`, point --model at a "
         "diffusers folder or a .safetensors file, or use --model tiny"
     )
+    return load_from_hub(
+        repo_id,
+        lambda local: _load_diffusers(repo_id, dtype, allow_pickle, local_files_only=local),
+        advice=advice,
+        what="model",
+    )
+
+
+def load_from_hub(repo_id: str, load: Callable[[bool], T], *, advice: str, what: str) -> T:
+    """``load(local_files_only)`` from the local cache first, then from the hub if reachable.
+
+    Models and ControlNets share it: each failure is one ModelError ending in ``advice``.
+    """
     try:
-        return _load_diffusers(repo_id, dtype, allow_pickle, local_files_only=True)
+        return load(True)
     except _LOAD_ERRORS as error:
         cached_error = error
     if _hub_offline():
         raise ModelError(
-            f"model {repo_id!r} is not in the local Hugging Face cache and downloads are off "
+            f"{what} {repo_id!r} is not in the local Hugging Face cache and downloads are off "
             f"(HF_HUB_OFFLINE): {advice}"
         ) from cached_error
     if not _hub_reachable():
         raise ModelError(
-            f"model {repo_id!r} is not in the local Hugging Face cache and the hub cannot be "
+            f"{what} {repo_id!r} is not in the local Hugging Face cache and the hub cannot be "
             f"reached from here: {advice}"
         ) from cached_error
     try:
-        return _load_diffusers(repo_id, dtype, allow_pickle, local_files_only=False)
+        return load(False)
     except _LOAD_ERRORS as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelError(
-            f"model {repo_id!r} could not be loaded from the Hugging Face hub ({reason}): {advice}"
+            f"{what} {repo_id!r} could not be loaded from the Hugging Face hub ({reason}): {advice}"
         ) from None
 
 

@@ -24,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import Cancelled
 from .attention import SteeringState, sigma_weight
+from .controlnet import ControlInputs
 
 
 @torch.no_grad()
@@ -127,10 +128,12 @@ def denoise(
     state: SteeringState,
     on_step: Callable[[], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    control: ControlInputs | None = None,
 ) -> torch.Tensor:
     """Run the loop for ``len(seeds)`` variants; returns float32 latents (n, 4, h, w).
 
-    ``original`` (1, 4, h, w) float32 latents, ``strength`` (1, 1, h, w) in [0, 1].
+    ``original`` (1, 4, h, w) float32 latents, ``strength`` (1, 1, h, w) in [0, 1];
+    ``control``: a ControlNet whose residuals, times its scale map, join the UNet's.
     """
     device = original.device
     n = len(seeds)
@@ -161,12 +164,18 @@ def denoise(
         state.factor = sigma_weight(current_sigma(scheduler, index, t))
         model_in = torch.cat([latents, latents]) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t).to(unet.dtype)
+        extra = (
+            control.residuals(model_in, t, conditioning.hidden, conditioning.added)
+            if control is not None
+            else {}
+        )
         prediction = unet(
             model_in,
             t,
             encoder_hidden_states=conditioning.hidden,
             added_cond_kwargs=conditioning.added,
             return_dict=False,
+            **extra,
         )[0].float()
         if guided:
             uncond, cond = prediction.chunk(2)

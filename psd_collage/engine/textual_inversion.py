@@ -207,7 +207,7 @@ def _cache_keys(
     for target in targets:
         _check_target(target)
         key = ti_cache.entry_key(
-            model_name=str(engine.model_name),
+            model_name=engine.model_identity,
             kind=components.kind,
             fingerprint=fingerprint,
             image=target.image,

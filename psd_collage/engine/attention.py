@@ -75,6 +75,12 @@ class SteeringState:
         phrases = torch.arange(masks.shape[0], device=token_phrase.device)[:, None]
         self._member = token_phrase[self.columns][None, :] == phrases  # (n, columns)
         self._spread = (token_phrase[None, :] == phrases).float()  # (n, tokens)
+        # Every attention level's table now, outside the UNet: built inside it, the boolean
+        # indexing is a torch.compile graph break in every cross-attention layer.
+        tokens = token_phrase.shape[0]
+        for level in range(4):
+            h, w = -(-latent_size[0] // 2**level), -(-latent_size[1] // 2**level)
+            self.bias(h * w, tokens, masks.device)
 
     def clear(self) -> None:
         """Back to plain attention (also drops the per-resolution tensors)."""

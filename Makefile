@@ -14,10 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# A shapes collage (daylight objects pasted onto a night scene) harmonized by the trained
+# `shapes` model that ships in the package.
 demo: $(VENV)/.installed
 	mkdir -p out
-	$(VENV)/bin/psd-collage render samples/picnic.psd --model tiny --variants 2 --steps 8 -o out/picnic.harmonized.psd --preview
-	@echo "open out/picnic.harmonized.psd in Photoshop (or see out/picnic.harmonized.preview.png)"
+	$(PY) -m psd_collage.shapes.demo out/shapes.psd
+	$(VENV)/bin/psd-collage render out/shapes.psd --model shapes --variants 2 --seed 1 --steps 30 -o out/shapes.harmonized.psd --preview
+	@echo "open out/shapes.harmonized.psd in Photoshop (or see out/shapes.harmonized.preview.png)"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

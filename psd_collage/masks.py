@@ -45,9 +45,34 @@ def background_mask(layers: Sequence[CollageLayer], size: tuple[int, int]) -> np
     return uncovered
 
 
-def default_attention_weights(area: float) -> tuple[float, float]:
-    """The authors' size rule: small layers get stronger steering. Returns (inside, outside)."""
-    r = min(max(area, 0.0), 1.0)
+#: How a layer's size r for :func:`default_attention_weights` is measured. "area": its
+#: visible area as a fraction of the canvas (ours); "side": its longest side as a fraction
+#: of the canvas side (the authors' CollageEditor).
+SIZE_MEASURES = ("area", "side")
+DEFAULT_SIZE_MEASURE = "area"
+
+
+def layer_size(layer: CollageLayer, size: tuple[int, int], measure: str) -> float:
+    """The layer's size r in [0, 1] by ``measure`` (see :data:`SIZE_MEASURES`)."""
+    if measure == "area":
+        return layer.visible_area
+    if measure != "side":
+        raise ValueError(f"size measure must be one of {SIZE_MEASURES}")
+    rows, cols = np.nonzero(layer.alpha > 0)
+    if len(rows) == 0:
+        return 0.0
+    width, height = size
+    return max((cols.max() - cols.min() + 1) / width, (rows.max() - rows.min() + 1) / height)
+
+
+def default_attention_weights(r: float) -> tuple[float, float]:
+    """The authors' rule: small layers get stronger steering. Returns (inside, outside).
+
+    ``r`` is the layer's size from :func:`layer_size`: the authors measured the longest
+    side, we use the measure :data:`DEFAULT_SIZE_MEASURE` (chosen by measurement on the
+    ``shapes`` model, see the README).
+    """
+    r = min(max(r, 0.0), 1.0)
     return 0.2 + 0.4 * (1.0 - r), 0.9 - 0.5 * r
 
 

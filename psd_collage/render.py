@@ -408,11 +408,14 @@ def plan_render(
     work_size: tuple[int, int],
     noise: np.ndarray | None = None,
     tokens: Mapping[str, str] | None = None,
+    *,
+    size_measure: str = masks.DEFAULT_SIZE_MEASURE,
 ) -> RenderPlan:
     """Everything the engine needs, at the working resolution.
 
     ``tokens`` (caption -> learned token) go in front of their captions, in the phrases
-    and in the prompt.
+    and in the prompt. ``size_measure``: how the automatic attention weights measure a
+    layer's size (:data:`masks.SIZE_MEASURES`).
     """
     from .engine import SteeredPhrase
 
@@ -426,7 +429,8 @@ def plan_render(
     for layer in collage.layers:
         if not layer.steered:
             continue
-        default_inside, default_outside = masks.default_attention_weights(layer.visible_area)
+        r = masks.layer_size(layer, collage.document.size, size_measure)
+        default_inside, default_outside = masks.default_attention_weights(r)
         inside = layer.options.inside if layer.options.inside is not None else default_inside
         outside = layer.options.outside if layer.options.outside is not None else default_outside
         token = tokens.get(layer.caption)

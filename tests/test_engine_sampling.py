@@ -149,3 +149,35 @@ def test_working_size_keeps_aspect_and_area(size, resolution):
     assert width % 64 == 0 and height % 64 == 0
     assert abs(width * height / target**2 - 1) < 0.3
     assert abs((width / height) / (size[0] / size[1]) - 1) < 0.15
+
+
+def test_pinned_area_dilation_grows_with_the_timestep():
+    from psd_collage.engine.sampler import dilate_pinned
+
+    pinned = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    pinned[..., :, :8] = True
+    assert torch.equal(dilate_pinned(pinned, torch.tensor(200)), pinned)  # int(0.8) = 0
+    grown = dilate_pinned(pinned, torch.tensor(999))  # int(3.996) = 3 latent px
+    assert grown[0, 0, 0].sum() == 11 and grown[..., :8].all()
+
+
+def test_authors_schedule_steers_harder_below_full_noise():
+    engine = tiny_engine("tiny")
+    factors = {}
+    for schedule in ("sigma", "authors"):
+        seen = []
+        engine.steering.recorder = lambda *_, seen=seen: seen.append(engine.steering.factor)
+        request = GenerationRequest(
+            random_image(H, W),
+            np.full((H, W), 0.6, np.float32),
+            "a red car",
+            seeds=[1],
+            steps=10,
+            steering_schedule=schedule,
+        )
+        try:
+            engine.sample_latents(request)
+        finally:
+            engine.steering.recorder = None
+        factors[schedule] = seen
+    assert factors["authors"][0] > factors["sigma"][0] > factors["sigma"][-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from psd_collage import masks
 from psd_collage.collage import BaseImage, Collage, CollageLayer, DocumentInfo
@@ -90,3 +91,12 @@ def test_small_layers_get_stronger_steering() -> None:
     big_in, big_out = masks.default_attention_weights(0.8)
     assert small_in > big_in and small_out > big_out
     assert masks.default_attention_weights(0.0) == (0.6000000000000001, 0.9)
+
+
+def test_size_measures_area_and_longest_side() -> None:
+    strip = _layer("strip", (0, 0, 100, 8))  # a thin full-width strip: 10 % area, full side
+    _collage([strip])
+    assert masks.layer_size(strip, (100, 80), "area") == pytest.approx(0.1)
+    assert masks.layer_size(strip, (100, 80), "side") == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        masks.layer_size(strip, (100, 80), "perimeter")

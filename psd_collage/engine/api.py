@@ -31,6 +31,8 @@ from .models import (
     resolve_dtype,
 )
 from .sampler import (
+    DEFAULT_PIN_DILATION,
+    DEFAULT_STEERING_SCHEDULE,
     Conditioning,
     decode_latents,
     denoise,
@@ -70,6 +72,8 @@ class GenerationRequest:
     # (h, w) float32 in [0, 1]: how strongly the ControlNet holds each pixel's canny edges
     # (the layers' canny strengths painted through their masks); None or all 0: no ControlNet.
     control: np.ndarray | None = None
+    steering_schedule: str = DEFAULT_STEERING_SCHEDULE  # see sampler.STEERING_SCHEDULES
+    pin_dilation: bool = DEFAULT_PIN_DILATION  # the authors' growing pinned area
 
 
 @dataclass
@@ -298,6 +302,8 @@ class Engine:
                         on_step=on_step,
                         cancel=cancel,
                         control=control,
+                        steering_schedule=request.steering_schedule,
+                        pin_dilation=request.pin_dilation,
                     )
                 timings["sample"] += time.perf_counter() - started
                 if not decode:

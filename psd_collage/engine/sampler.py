@@ -83,6 +83,24 @@ def steps_to_run(scheduler: SchedulerMixin, steps: int, max_strength: float) -> 
     return max(0, len(scheduler.timesteps) - start)
 
 
+#: Where the steering's f(sigma) is evaluated. "sigma": at the step's true sigma (ours);
+#: "authors": at ``sigmas[k]`` with k counted from 0 in the shortened img2img loop, as the
+#: authors' code does (stronger steering once the maximum noise is below 1).
+STEERING_SCHEDULES = ("sigma", "authors")
+DEFAULT_STEERING_SCHEDULE = "sigma"
+#: The authors grow the pinned (replaced) area by int(4 t / 1000) latent pixels each step.
+DEFAULT_PIN_DILATION = False
+
+
+def dilate_pinned(pinned: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """``pinned`` (1, 1, h, w) bool grown by int(4 t / 1000) latent pixels (the authors' rule)."""
+    radius = int(4 * float(timestep) / 1000)
+    if radius <= 0:
+        return pinned
+    grown = F.max_pool2d(pinned.float(), 2 * radius + 1, stride=1, padding=radius)
+    return grown > 0
+
+
 def current_sigma(scheduler: SchedulerMixin, index: int, timestep: torch.Tensor) -> float:
     """The scheduler's sigma at ``index``, or sqrt((1 - a) / a) from its alphas."""
     sigmas = getattr(scheduler, "sigmas", None)
@@ -129,12 +147,18 @@ def denoise(
     on_step: Callable[[], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     control: ControlInputs | None = None,
+    steering_schedule: str = DEFAULT_STEERING_SCHEDULE,
+    pin_dilation: bool = DEFAULT_PIN_DILATION,
 ) -> torch.Tensor:
     """Run the loop for ``len(seeds)`` variants; returns float32 latents (n, 4, h, w).
 
     ``original`` (1, 4, h, w) float32 latents, ``strength`` (1, 1, h, w) in [0, 1];
     ``control``: a ControlNet whose residuals, times its scale map, join the UNet's.
+    ``steering_schedule`` and ``pin_dilation``: see :data:`STEERING_SCHEDULES` and
+    :func:`dilate_pinned`.
     """
+    if steering_schedule not in STEERING_SCHEDULES:
+        raise ValueError(f"steering_schedule must be one of {STEERING_SCHEDULES}")
     device = original.device
     n = len(seeds)
     scheduler.set_timesteps(steps, device=device)
@@ -158,10 +182,15 @@ def denoise(
             raise Cancelled()
         index = start + k
         pinned = free_from > index
+        if pin_dilation and bool(pinned.any()):
+            pinned = dilate_pinned(pinned, t)
         if k > 0 and bool(pinned.any()):
             renoised = scheduler.add_noise(original, noise, t.repeat(n))
             latents = torch.where(pinned, renoised, latents)
-        state.factor = sigma_weight(current_sigma(scheduler, index, t))
+        if steering_schedule == "authors":
+            state.factor = sigma_weight(current_sigma(scheduler, k, scheduler.timesteps[k]))
+        else:
+            state.factor = sigma_weight(current_sigma(scheduler, index, t))
         model_in = torch.cat([latents, latents]) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t).to(unet.dtype)
         extra = (

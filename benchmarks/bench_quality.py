@@ -261,29 +261,40 @@ STRENGTHS = (0.3, 0.5, 0.7, 0.9)
 
 
 def quality(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[str, Any]:
+    """The table (fidelity and harmonization per method), steering and lock."""
+    out: dict[str, Any] = {}
     cases = make_cases(args.collages, folder)
-    rows: dict[str, dict[str, float]] = {}
-    for noise in OURS:
-        rows[f"collage n={noise}"] = evaluate(runner, cases, noise, runner.collage).row()
-        _print_row(f"collage n={noise}", rows[f"collage n={noise}"])
-    for strength in STRENGTHS:
-        run = lambda p, s=strength: runner.img2img(p, s)  # noqa: E731
-        rows[f"img2img s={strength}"] = evaluate(runner, cases, 0.6, run).row()
-        _print_row(f"img2img s={strength}", rows[f"img2img s={strength}"])
-    rows["text-to-image"] = evaluate(runner, cases, 0.6, lambda p: runner.img2img(p, 1.0)).row()
-    _print_row("text-to-image", rows["text-to-image"])
-    blobs = blob_cases(args.collages, folder)
-    steer = {
-        "steered": steering_rate(runner, blobs),
-        "unsteered": steering_rate(runner, blobs, weights=(0.0, 0.0)),
-    }
-    print(
-        f"steering: right-region rate {steer['steered']:.3f} steered vs "
-        f"{steer['unsteered']:.3f} with inside=0, outside=0 ({2 * len(blobs)} regions)"
-    )
-    lock = lock_rate(args.model, cases[: args.lock], args.steps, args.seed, folder)
-    print(f"lock: {lock:.3f} of {args.lock} collages with an identical locked backdrop")
-    return {"rows": rows, "steering": steer, "lock": lock}
+    if _wanted(args, "table"):
+        rows: dict[str, dict[str, float]] = {}
+        methods: list[tuple[str, float, Callable[[Path], np.ndarray]]] = [
+            (f"collage n={noise}", noise, runner.collage) for noise in OURS
+        ]
+        methods += [(f"img2img s={s}", 0.6, lambda p, s=s: runner.img2img(p, s)) for s in STRENGTHS]
+        methods.append(("text-to-image", 0.6, lambda p: runner.img2img(p, 1.0)))
+        for name, noise, run in methods:
+            rows[name] = evaluate(runner, cases, noise, run).row()
+            _print_row(name, rows[name])
+        out["rows"] = rows
+    if _wanted(args, "steering"):
+        blobs = blob_cases(args.collages, folder)
+        steer = out["steering"] = {
+            "steered": steering_rate(runner, blobs),
+            "unsteered": steering_rate(runner, blobs, weights=(0.0, 0.0)),
+        }
+        print(
+            f"steering: right-region rate {steer['steered']:.3f} steered vs "
+            f"{steer['unsteered']:.3f} with inside=0, outside=0 ({2 * len(blobs)} regions)"
+        )
+    if _wanted(args, "lock"):
+        lock = out["lock"] = lock_rate(
+            args.model, cases[: args.lock], args.steps, args.seed, folder
+        )
+        print(f"lock: {lock:.3f} of {args.lock} collages with an identical locked backdrop")
+    return out
+
+
+def _wanted(args: argparse.Namespace, part: str) -> bool:
+    return not args.only or part in args.only
 
 
 def _print_row(name: str, row: dict[str, float]) -> None:
@@ -338,6 +349,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the numbers as JSON")
     parser.add_argument("--calibrate", action="store_true", help="the calibration questions")
     parser.add_argument("--ti-steps", type=int, default=100, help="textual inversion steps")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=[],
+        help="parts to run: table steering lock; with --calibrate: size schedule dilation "
+        "min_area ti",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runner = Runner(args.model, args.steps, args.seed)
@@ -348,7 +366,7 @@ def main() -> None:
             results = calibrate(args, runner, Path(tmp))
         else:
             results = quality(args, runner, Path(tmp))
-            if args.figure:
+            if args.figure and "rows" in results:
                 figure(results, args.figure)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -19,6 +19,7 @@ import numpy as np
 from bench_quality import (
     Runner,
     _disc,
+    _wanted,
     blob_cases,
     evaluate,
     make_cases,
@@ -49,6 +50,29 @@ def calibrate(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[st
     blobs = blob_cases(n, folder)
     out: dict[str, Any] = {}
 
+    if _wanted(args, "size"):
+        _size(runner, cases, blobs, out)
+    if _wanted(args, "schedule"):
+        _schedule(runner, cases, blobs, out)
+    if _wanted(args, "dilation"):
+        q = out["dilation"] = {}
+        for dilate in (False, True):
+            q[str(dilate)] = _quality(runner, cases, 0.6, pin_dilation=dilate)
+            _show("dilation", "int(4t/1000) px" if dilate else "none", q[str(dilate)])
+    if _wanted(args, "min_area"):
+        q = out["min_area"] = {}
+        small = blob_cases(n, folder, radius=(5.0, 7.0))  # 0.5-0.9 % of the canvas each
+        for min_area in (0.01, 0.0):
+            q[str(min_area)] = steering_rate(runner, small, min_area=min_area)
+            _show("min area", f"{min_area:.0%} (small blobs)", q[str(min_area)])
+        q["unsteered"] = steering_rate(runner, small, weights=(0.0, 0.0))
+        _show("min area", "inside=0, outside=0", q["unsteered"])
+    if _wanted(args, "ti"):
+        out["ti"] = textual_inversion(args, folder)
+    return out
+
+
+def _size(runner: Runner, cases, blobs, out: dict[str, Any]) -> None:
     q = out["size_measure"] = {}
     for measure in ("area", "side"):
         q[measure] = {
@@ -57,6 +81,8 @@ def calibrate(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[st
         }
         _show("size measure", measure, q[measure])
 
+
+def _schedule(runner: Runner, cases, blobs, out: dict[str, Any]) -> None:
     q = out["schedule"] = {}
     for schedule in ("sigma", "authors"):
         q[schedule] = {
@@ -65,22 +91,6 @@ def calibrate(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[st
             **_quality(runner, cases, 0.6, steering_schedule=schedule),
         }
         _show("schedule", schedule, q[schedule])
-
-    q = out["dilation"] = {}
-    for dilate in (False, True):
-        q[str(dilate)] = _quality(runner, cases, 0.6, pin_dilation=dilate)
-        _show("dilation", "int(4t/1000) px" if dilate else "none", q[str(dilate)])
-
-    q = out["min_area"] = {}
-    small = blob_cases(n, folder, radius=(5.0, 7.0))  # 0.5-0.9 % of the canvas each
-    for min_area in (0.01, 0.0):
-        q[str(min_area)] = steering_rate(runner, small, min_area=min_area)
-        _show("min area", f"{min_area:.0%} (small blobs)", q[str(min_area)])
-    q["unsteered"] = steering_rate(runner, small, weights=(0.0, 0.0))
-    _show("min area", "inside=0, outside=0", q["unsteered"])
-
-    out["ti"] = textual_inversion(args, folder)
-    return out
 
 
 def textual_inversion(args: argparse.Namespace, folder: Path) -> dict[str, float]:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from psd_collage.collage import to_u8
 from psd_collage.engine import GenerationRequest, load_engine
 from psd_collage.psd.reader import read_collage
 from psd_collage.render import Renderer, plan_render
@@ -246,8 +247,8 @@ def lock_rate(model: str, cases: list[Case], steps: int, seed: int, folder: Path
         result = read_variant(out)
         drawn = draw([case.scene])
         locked = drawn.alphas[0].max(0) == 0  # noise 0: no object over it at all
-        a = np.round(result[locked] * 255)
-        b = np.round(np.clip(drawn.backdrops[0][locked], 0, 1) * 255)
+        a = np.round(result[locked] * 255).astype(np.uint8)
+        b = to_u8(drawn.backdrops[0][locked])  # the bytes the PSD's backdrop layer holds
         identical.append(float(np.array_equal(a, b)))
     return float(np.mean(identical))
 

@@ -48,6 +48,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_ti.py
 	$(PY) benchmarks/bench_farm.py
 	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_editing.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -20,9 +20,9 @@ import click
 from serve.cli import serve
 from watcher.cli import status, watch, worker
 
-from .errors import CollageError
-from .options import guarded, render_options, settings_from_options
-from .settings import Settings, read_sidecar, sidecar_path
+from .errors import CollageError, terminal_safe
+from .options import guarded, render_options, setting_option, settings_from_options
+from .settings import SETTINGS, Settings, read_sidecar, sidecar_path
 
 PSD_SUFFIXES = (".psd", ".psb")
 
@@ -39,15 +39,16 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("file", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option(
     "--sheet",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=click.Path(path_type=Path),
     help="Write a PNG contact sheet: collage, each layer's mask, the noise map.",
 )
+@setting_option(SETTINGS["lenient"])
 @guarded
-def inspect(file: Path, as_json: bool, sheet: Path | None) -> None:
+def inspect(file: Path, as_json: bool, sheet: Path | None, **options: Any) -> None:
     """Show how FILE maps to a collage, before spending GPU time on it."""
     from .psd.reader import read_collage
     from .report import format_table, inspect_data, write_sheet
@@ -57,13 +58,14 @@ def inspect(file: Path, as_json: bool, sheet: Path | None) -> None:
     side = sidecar_path(file)
     if side.exists():
         settings = settings.updated(read_sidecar(side), where=str(side))
+    settings = settings.updated(settings_from_options(options), where="command line")
     collage = read_collage(file, settings)
     if sheet is not None:
         write_sheet(collage, sheet)
     if as_json:
-        click.echo(json.dumps(inspect_data(collage), ensure_ascii=False))
+        click.echo(json.dumps(inspect_data(collage, settings), ensure_ascii=False))
     else:
-        click.echo(format_table(collage))
+        click.echo(format_table(collage, settings))
         if sheet is not None:
             click.echo(f"sheet: {sheet}")
 
@@ -76,17 +78,43 @@ def inspect(file: Path, as_json: bool, sheet: Path | None) -> None:
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path), help="Output file (one input only)."
+    "-o",
+    "--output",
+    metavar="PATH",
+    help="Output file (one input only; default NAME.harmonized.psd beside the input).",
 )
-@click.option("--in-place", is_flag=True, help="Replace the input (a .bak copy is kept).")
+@click.option(
+    "--in-place",
+    is_flag=True,
+    help="Add the new group to the input file itself (NAME.psd.bak keeps the first original).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing output file (without it, an existing output is an error).",
+)
+@click.option(
+    "--like",
+    metavar="GROUP/seed N",
+    help="Reproduce one earlier variant: its group's recorded settings and that seed.",
+)
 @click.option("--preview/--no-preview", default=None, help="Also write NAME.preview.png.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file on stdout.")
 @render_options
 @guarded
 def render(
-    files: tuple[Path, ...], output: Path | None, in_place: bool, as_json: bool, **options: Any
+    files: tuple[Path, ...],
+    output: str | None,
+    in_place: bool,
+    overwrite: bool,
+    like: str | None,
+    as_json: bool,
+    **options: Any,
 ) -> None:
-    """Harmonize FILES (PSD/PSB or folders of them); writes NAME.harmonized.psd beside each."""
+    """Harmonize FILES (PSD/PSB or folders of them); writes NAME.harmonized.psd beside each.
+
+    An existing output is never replaced unless --overwrite is given.
+    """
     from .render import Renderer
 
     inputs = _expand_inputs(files)
@@ -96,6 +124,8 @@ def render(
         )
     if output is not None and in_place:
         raise CollageError("use either -o/--output or --in-place, not both")
+    if like is not None and len(inputs) != 1:
+        raise CollageError("--like works with a single input file (the one that holds GROUP)")
     overrides = settings_from_options(options)
     if str(overrides.get("model", "")).startswith("tiny"):
         click.echo(
@@ -108,7 +138,14 @@ def render(
     for path in inputs:
         with _ProgressBar(enabled=not as_json and sys.stderr.isatty(), label=path.name) as bar:
             try:
-                result = renderer.render_file(path, output, in_place=in_place, progress=bar.update)
+                result = renderer.render_file(
+                    path,
+                    output,
+                    in_place=in_place,
+                    overwrite=overwrite,
+                    like=like,
+                    progress=bar.update,
+                )
             except CollageError as exc:
                 failures += 1
                 if as_json:
@@ -121,7 +158,7 @@ def render(
             click.echo(json.dumps(result.as_dict(), ensure_ascii=False))
         else:
             for warning in result.warnings:
-                click.echo(f"warning: {path.name}: {warning}", err=True)
+                click.echo(terminal_safe(f"warning: {path.name}: {warning}"), err=True)
             seeds = ", ".join(str(v["seed"]) for v in result.variants)
             click.echo(f"{result.output}  ({len(result.variants)} variants, seeds {seeds})")
             if result.preview:

@@ -7,6 +7,7 @@ keeps its pixels cropped to its bounding box (``box``), so a 10-layer poster of
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,29 @@ def to_u8(values: np.ndarray) -> np.ndarray:
     scaled += np.float32(0.5)
     np.clip(scaled, 0.0, 255.0, out=scaled)
     return scaled.astype(np.uint8)
+
+
+def caption_pattern(caption: str) -> re.Pattern[str]:
+    """``caption``'s words, in order, as whole words in any case and spacing.
+
+    CLIP's tokenizer lower-cases and encodes each word on its own, so this finds the
+    caption wherever the engine's token-level search does (``a red carpet`` holds no
+    ``car``; ``A Red Car`` holds ``red car``).
+    """
+    words = [re.escape(word) for word in caption.split()]
+    return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.IGNORECASE)
+
+
+def prompt_with_captions(prompt: str, captions: list[str]) -> str:
+    """Append to ``prompt`` each caption it does not contain, so every caption can be steered."""
+    out = prompt.strip()
+    for caption in captions:
+        caption = caption.strip()
+        if caption and not caption_pattern(caption).search(out):
+            out = (
+                f"{out} {caption}" if out.endswith(",") else f"{out}, {caption}" if out else caption
+            )
+    return out
 
 
 @dataclass(frozen=True)
@@ -53,9 +77,11 @@ class CollageLayer:
     box: Box
     sources: list[str] = field(default_factory=list)  # PSD layer names it came from
     noise: float = 0.0  # effective noise level (0 when locked)
+    noise_source: str = "default"  # tag, sidecar, Photoshop lock, [split] group or default
     visible: np.ndarray | None = None  # (h, w) float32 visible mask inside ``box``
     visible_area: float = 0.0  # fraction of the canvas
     steered: bool = False  # gets cross-attention steering (has a caption, not tiny)
+    layer_id: int | None = None  # Photoshop's layer id: stable across saves and moves
 
     @property
     def alpha(self) -> np.ndarray:
@@ -68,6 +94,10 @@ class CollageLayer:
     @property
     def redo(self) -> bool:
         return bool(self.options.redo)
+
+    def uses_ti(self, default: bool) -> bool:
+        """Textual inversion for this layer: its ``ti`` tag, else the ``ti`` setting."""
+        return bool(self.options.ti if self.options.ti is not None else default)
 
     def full_mask(self, size: tuple[int, int]) -> np.ndarray:
         """The visible mask placed on a (height, width) canvas of document ``size``."""
@@ -99,6 +129,17 @@ class Collage:
     base: BaseImage | None = None
     warnings: list[str] = field(default_factory=list)
     background_noise: float = SETTINGS["noise"].default  # where no layer covers the canvas
+    earlier_groups: list[str] = field(default_factory=list)  # top-level [harmonized] groups
+    renders: dict[str, dict] = field(default_factory=dict)  # group -> its render's settings
+    output_at: int | None = None  # top-level layers below the output group; None: on top
+    live_above: list[str] = field(default_factory=list)  # layers that stay live above it
+    overlay: np.ndarray | None = None  # (H, W, 4) uint8 sRGB: those layers, for the merged image
+
+    @property
+    def final_prompt(self) -> str:
+        """The prompt sampling uses: ``prompt`` with each steered caption it lacks appended."""
+        captions = [layer.caption for layer in self.layers if layer.steered]
+        return prompt_with_captions(self.prompt, captions)
 
     @property
     def editing(self) -> bool:

@@ -7,7 +7,29 @@ disk) is a :class:`CollageError`: the CLI prints its one-line message after
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+# C0/C1 control characters (ESC starts terminal escape sequences) and the bidirectional
+# overrides that make text read differently from what it is.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``), safe to print on a terminal.
+
+    Layer names come from the file: a name holding an escape sequence must not be able
+    to rewrite the user's screen. Line breaks and tabs become spaces.
+    """
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        if char in "\t\n\r":
+            return " "
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _UNSAFE.sub(escape, text)
 
 
 class CollageError(Exception):
@@ -19,7 +41,7 @@ class CollageError(Exception):
         self.path = Path(path) if path is not None else None
         self.detail = message
         text = f"{self.path}: {message}" if self.path is not None else message
-        super().__init__(" ".join(text.split()))  # always one line
+        super().__init__(" ".join(terminal_safe(text).split()))  # always one line, printable
 
 
 class IncompleteFile(CollageError):

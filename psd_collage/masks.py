@@ -76,15 +76,65 @@ def default_attention_weights(r: float) -> tuple[float, float]:
     return 0.2 + 0.4 * (1.0 - r), 0.9 - 0.5 * r
 
 
+def vacated_mask(collage: Collage) -> np.ndarray | None:
+    """Where ``redo`` layers were in the base variant and are no more, (H, W) float32, or None.
+
+    The base variant's record (the XMP of the render that made it) says where each
+    layer was, by Photoshop layer id. A layer moved since then left its old footprint:
+    its shape at the old place when only moved, else its old box. The place it covers
+    now is not part of it: it is regenerated with the layer anyway.
+    """
+    moves = moved_redo_layers(collage)
+    if not moves:
+        return None
+    width, height = collage.document.size
+    out = np.zeros((height, width), np.float32)
+    for layer, (left, top, right, bottom) in moves:
+        shape = layer.alpha if layer.pixels.shape[1::-1] == (right - left, bottom - top) else None
+        if shape is None:
+            shape = np.ones((bottom - top, right - left), np.float32)
+        x0, y0, x1, y1 = max(left, 0), max(top, 0), min(right, width), min(bottom, height)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        crop = shape[y0 - top : y1 - top, x0 - left : x1 - left]
+        np.maximum(out[y0:y1, x0:x1], crop, out=out[y0:y1, x0:x1])
+    for layer in collage.layers:
+        if layer.redo:
+            left, top, right, bottom = layer.box
+            out[top:bottom, left:right] *= 1.0 - layer.visible
+    return out if out.any() else None
+
+
+def moved_redo_layers(collage: Collage) -> list[tuple[CollageLayer, tuple[int, int, int, int]]]:
+    """The ``redo`` layers whose box differs from the base variant's record, with the old box."""
+    if not collage.editing or collage.base is None:
+        return []
+    record = collage.renders.get(collage.base.group) or {}
+    entries = [e for e in record.get("layers", []) if isinstance(e, dict) and e.get("id")]
+    was = {e["id"]: e for e in entries}
+    moves = []
+    for layer in collage.layers:
+        entry = was.get(layer.layer_id) if layer.redo and layer.layer_id is not None else None
+        box = tuple(int(v) for v in entry.get("box", ())) if entry else ()
+        if len(box) == 4 and box != tuple(layer.box):
+            moves.append((layer, box))
+    return moves
+
+
 def start_image(collage: Collage) -> np.ndarray:
     """The picture sampling starts from, (H, W, 3) uint8.
 
-    Normally the flattened collage; in an edit, the chosen earlier variant with
-    the ``redo`` layers pasted on top where they are visible.
+    Normally the flattened collage; in an edit, the chosen earlier variant, with the
+    document's own pixels where a ``redo`` layer was (:func:`vacated_mask`) and the
+    ``redo`` layers pasted on top where they are visible.
     """
     if not collage.editing:
         return collage.composite
     out = collage.base.pixels.astype(np.float32)
+    vacated = vacated_mask(collage)
+    if vacated is not None:
+        v = vacated[..., None]
+        out = out * (1.0 - v) + collage.composite.astype(np.float32) * v
     for layer in collage.layers:
         if not layer.redo:
             continue
@@ -102,8 +152,15 @@ def noise_map(collage: Collage) -> np.ndarray:
     layers may change: everything else is 0 (pinned to the base).
     """
     editing = collage.editing
+    vacated = vacated_mask(collage) if editing else None
     values = [0.0 if editing and not layer.redo else layer.noise for layer in collage.layers]
-    return paint_layers(collage, values, 0.0 if editing else collage.background_noise)
+    out = paint_layers(collage, values, 0.0 if editing else collage.background_noise)
+    if vacated is not None:
+        # The place moved redo layers left, at the noise of what lies there now.
+        everything = [layer.noise for layer in collage.layers]
+        out += paint_layers(collage, everything, collage.background_noise) * vacated
+        np.clip(out, 0.0, 1.0, out=out)
+    return out
 
 
 def control_map(collage: Collage, default_canny: float) -> np.ndarray:

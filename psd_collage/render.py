@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 
 from . import masks
-from .collage import Collage
+from .collage import Collage, CollageLayer
 from .errors import CollageError, SettingsError, TagError
 from .geometry import DocumentSized, composite_up_to, resize_rgb, visible_mask_at
 from .policy import Policy
 from .preview import preview_path, preview_source, write_preview
+from .psd.names import HARMONIZED_PREFIX
 from .settings import LoraSpec, Settings, read_sidecar, sidecar_path, validate_settings
 
 #: progress(phase, done, total); phases: "load", "ti", "sample", "write".
@@ -57,9 +58,65 @@ class RenderResult:
         }
 
 
+HARMONIZED_SUFFIX = ".harmonized"
+
+
 def default_output(path: Path) -> Path:
-    """``poster.psd`` -> ``poster.harmonized.psd`` (PSB stays PSB)."""
-    return path.with_name(f"{path.stem}.harmonized{path.suffix}")
+    """``poster.psd`` -> ``poster.harmonized.psd`` (PSB stays PSB).
+
+    A file that already is an output (``poster.harmonized.psd``) maps to itself, so
+    names never pile up: rendering it again means ``--in-place`` or ``-o``.
+    """
+    if path.stem.endswith(HARMONIZED_SUFFIX):
+        return path
+    return path.with_name(f"{path.stem}{HARMONIZED_SUFFIX}{path.suffix}")
+
+
+def resolve_output(
+    path: Path, output: str | Path | None, *, in_place: bool = False, overwrite: bool = False
+) -> Path:
+    """Where a render of ``path`` writes; refuses to replace any file not named for it.
+
+    An existing output is never replaced silently: that file may hold the designer's
+    edits. ``overwrite`` allows it; ``in_place`` replaces the input (keeping a
+    ``.bak`` of the very first original).
+    """
+    if in_place:
+        if output is not None:
+            raise CollageError("use either -o/--output or --in-place, not both")
+        return path
+    if output is not None and not str(output).strip():
+        raise CollageError("-o/--output is empty; name an output file such as out.psd")
+    target = Path(output) if output is not None else default_output(path)
+    if target.is_dir():
+        raise CollageError("is a folder; name an output file such as out.psd", path=target)
+    if _same_path(target, path):
+        if output is None:
+            raise CollageError(
+                "is already a harmonized output: render it with --in-place to add one more "
+                "group to its history (a .bak copy of the first original is kept), or choose "
+                "another output with -o",
+                path=path,
+            )
+        raise CollageError(
+            "the output would replace the input; use --in-place to do that (a .bak copy is "
+            "kept) or choose another output",
+            path=path,
+        )
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise CollageError(
+            "exists already and may hold your edits; use --overwrite to replace it, or -o "
+            "to choose another name",
+            path=target,
+        )
+    return target
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
 
 
 def embeddings_path(output: Path) -> Path:
@@ -84,12 +141,17 @@ class Renderer:
         self.policy = policy  # the operator's limits (hot folder, farm); None: none
         self._cache = cache
 
-    def settings_for(self, path: Path, sidecar: Path | None = None) -> Settings:
-        """Built-in < folder defaults < the file's sidecar < command line, within the policy."""
+    def settings_for(
+        self, path: Path, sidecar: Path | None = None, *, like: str | None = None
+    ) -> Settings:
+        """Built-in < folder defaults < the file's sidecar < ``like`` < command line,
+        within the policy."""
         sidecar = sidecar if sidecar is not None else sidecar_path(path)
         settings = Settings().updated(self._defaults, where="folder defaults")
         if sidecar.exists():
             settings = settings.updated(read_sidecar(sidecar), where=str(sidecar))
+        if like is not None:
+            settings = settings.updated(like_settings(path, like), where=f"--like {like!r}")
         settings = settings.updated(self._overrides, where="command line")
         if self.policy is not None:
             self.policy.check_settings(settings, path=path)
@@ -154,11 +216,15 @@ class Renderer:
         sidecar: Path | None = None,
         preview: bool | None = None,
         in_place: bool = False,
+        overwrite: bool = False,
+        like: str | None = None,
         progress: Progress | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> RenderResult:
         """Render one file. The input is never modified unless ``in_place``.
 
+        An existing output is refused unless ``overwrite`` (see :func:`resolve_output`);
+        ``like="GROUP/seed N"`` reproduces that earlier variant (:func:`like_settings`).
         Data flows one way: read the collage, learn its textual-inversion tokens, plan
         the request with them, generate, write.
         """
@@ -166,9 +232,10 @@ class Renderer:
         from .psd.reader import read_collage
 
         path = Path(path)
-        job = _Job(path, _output_for(path, output, in_place), progress, cancel)
+        output_path = resolve_output(path, output, in_place=in_place, overwrite=overwrite)
+        job = _Job(path, output_path, progress, cancel)
         with _timed(job.timings, "read"):
-            settings = self.settings_for(path, sidecar)
+            settings = self.settings_for(path, sidecar, like=like)
             if preview is not None:
                 settings = settings.updated({"preview": preview})
             if self.policy is not None:
@@ -179,12 +246,14 @@ class Renderer:
             job.notify("load", 0, 1)
             engine = self.engine_for(settings)
             job.notify("load", 1, 1)
+        if like is not None:
+            collage.warnings.extend(_like_mismatch(path, like, engine.weights_hash))
         if self.policy is not None and settings.resolution is None:
             self.policy.check_working_resolution(engine.native_resolution, path=path)
         noise = changeable_noise(collage)
         work_size = engine.working_size(collage.document.size, settings.resolution)
         tokens = self._learn_tokens(engine, collage, settings, work_size, job)
-        plan = plan_render(collage, settings, work_size, noise, tokens)
+        plan = plan_render(collage, settings, work_size, noise, tokens, engine.insert_tokens)
         seed = settings.seed if settings.seed is not None else random.randrange(SEED_RANGE)
         request = plan.request(collage.negative_prompt, seed, settings)
         result = engine.generate(
@@ -193,8 +262,11 @@ class Renderer:
         job.timings.update(result.timings)
         negative, warnings = collage.negative_prompt, collage.warnings + list(result.warnings)
         output = _WriteInputs.of(collage, plan, settings)
+        output.record = render_record(
+            collage, settings, engine, request.seeds, result.prompt, work_size
+        )
         del collage, plan, noise  # free the layers, masks and maps before the writer needs memory
-        preview_file = self._write(engine, output, result.images, request.seeds, job)
+        preview_file = self._write(output, result.images, request.seeds, job)
         used = settings.as_dict()
         used.update(seed=seed, prompt=result.prompt, negative=negative, model=engine.model_name)
         used["working_size"] = list(work_size)
@@ -233,24 +305,30 @@ class Renderer:
 
     def _write(
         self,
-        engine: Any,
         inputs: _WriteInputs,
         images: list[np.ndarray],
         seeds: list[int],
         job: _Job,
     ) -> Path | None:
         """The variants into the PSD, and the preview if asked for; the preview's path."""
-        from .psd.names import HARMONIZED_PREFIX
         from .psd.writer import write_variants
 
         with _timed(job.timings, "write"):
             job.notify("write", 0, 1)
-            model_label = Path(str(engine.model_name)).name or str(engine.model_name)
-            group = f"{HARMONIZED_PREFIX} {datetime.now():%Y-%m-%d %H:%M} {model_label}"
             full = DocumentSized(images, inputs.size)
             names = [_variant_name(s) for s in seeds]
             write_variants(
-                job.path, job.output, full, names, group, pin=inputs.pin, pin_base=inputs.base
+                job.path,
+                job.output,
+                full,
+                names,
+                inputs.group,
+                pin=inputs.pin,
+                pin_base=inputs.base,
+                record=inputs.record,
+                pin_document=inputs.left_by_redo,
+                insert_at=inputs.insert_at,
+                overlay=inputs.overlay,
             )
             preview_file = None
             if inputs.preview_source is not None:
@@ -292,27 +370,146 @@ class _WriteInputs:
     pin: np.ndarray  # (H, W) float32: 1 where the source's pixels are kept exactly
     base: int | None  # record index of the earlier variant an edit starts from
     preview_source: np.ndarray | None  # the start image at preview height, if asked for
+    group: str  # the new [harmonized] group's name
+    left_by_redo: np.ndarray | None  # (H, W) bool: pinned to the document, not the base
+    insert_at: int | None  # top-level layers below the new group; None: on top
+    overlay: np.ndarray | None  # (H, W, 4) uint8: live layers above it, for the merged image
+    record: dict[str, Any] | None = None  # this render's settings, for the document's XMP
 
     @classmethod
     def of(cls, collage: Collage, plan: RenderPlan, settings: Settings) -> _WriteInputs:
         source = masks.start_image(collage) if settings.preview else None
+        vacated = masks.vacated_mask(collage)
         return cls(
             size=collage.document.size,
             pin=masks.pin_weights(plan.noise, plan.work_size),
             base=collage.base.record_index if collage.editing else None,
             preview_source=preview_source(source) if source is not None else None,
+            group=group_name(settings.model, collage.earlier_groups),
+            left_by_redo=vacated > 0 if vacated is not None else None,
+            insert_at=collage.output_at,
+            overlay=collage.overlay,
         )
 
 
-def _output_for(path: Path, output: str | Path | None, in_place: bool) -> Path:
-    out = path if in_place else Path(output) if output else default_output(path)
-    if not in_place and out.resolve() == path.resolve():
-        raise CollageError(
-            "the output would replace the input; use --in-place to do that (a .bak copy is "
-            "kept) or choose another output",
-            path=path,
+#: Recorded settings that ``--like`` takes over (the rest is the document as it is now).
+LIKE_KEYS = (
+    "model",
+    "prompt",
+    "negative",
+    "steps",
+    "guidance",
+    "scheduler",
+    "resolution",
+    "noise",
+    "lora",
+    "controlnet",
+    "canny",
+)
+
+
+def like_record(path: Path, like: str) -> tuple[dict[str, Any], int]:
+    """The recorded render of variant ``like`` (``"GROUP/seed N"``) of ``path``, and its seed."""
+    from .psd.history import find_variant, read_renders_from_file
+
+    try:
+        return find_variant(read_renders_from_file(path), like)
+    except KeyError as exc:
+        raise CollageError(f"--like {like!r}: {exc.args[0]}", path=path) from None
+
+
+def like_settings(path: Path, like: str) -> dict[str, Any]:
+    """The settings that made variant ``like`` of ``path``, for one variant."""
+    record, seed = like_record(path, like)
+    values = {key: record[key] for key in LIKE_KEYS if record.get(key) is not None}
+    return {**values, "seed": seed, "variants": 1}
+
+
+def _like_mismatch(path: Path, like: str, weights: str | None) -> list[str]:
+    recorded = like_record(path, like)[0].get("weights")
+    if recorded in (None, weights):
+        return []
+    return [
+        f"--like {like!r}: the model's weights differ from the recorded ones, so the variant "
+        "will not come out the same"
+    ]
+
+
+def group_name(model: str, taken: Sequence[str] = (), now: datetime | None = None) -> str:
+    """``[harmonized] 2026-11-25 14:03:07 model``: unique to the second, and among ``taken``."""
+    label = Path(str(model)).name or str(model)
+    name = f"{HARMONIZED_PREFIX} {(now or datetime.now()):%Y-%m-%d %H:%M:%S} {label}"
+    candidate, count = name, 1
+    while candidate in taken:
+        count += 1
+        candidate = f"{name} ({count})"
+    return candidate
+
+
+def render_record(
+    collage: Collage,
+    settings: Settings,
+    engine: Any,
+    seeds: Sequence[int],
+    prompt: str,
+    work_size: tuple[int, int],
+) -> dict[str, Any]:
+    """What a render did, stored in the document (design section 3) for ``--like``/``redo``."""
+    from . import __version__
+
+    layers = []
+    for layer in collage.layers:
+        inside, outside = layer_weights(layer, collage.document.size)
+        layers.append(
+            {
+                "id": layer.layer_id,
+                "name": layer.name,
+                "caption": layer.caption,
+                "box": list(layer.box),
+                "noise": round(float(layer.noise), 6),
+                "inside": round(inside, 6),
+                "outside": round(outside, 6),
+                "steered": layer.steered,
+                "ti": layer.uses_ti(settings.ti),
+                "redo": layer.redo,
+            }
         )
-    return out
+    base = collage.base
+    return {
+        "psd_collage": __version__,
+        "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "model": str(engine.model_name),
+        "weights": getattr(engine, "weights_hash", None),  # the base model's, before LoRAs
+        "model_identity": str(getattr(engine, "model_identity", engine.model_name)),
+        "lora": list(settings.lora),
+        "controlnet": settings.controlnet,
+        "canny": settings.canny,
+        "prompt": collage.prompt,
+        "final_prompt": prompt,
+        "negative": collage.negative_prompt,
+        "variants": [{"layer": _variant_name(s), "seed": s} for s in seeds],
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "scheduler": settings.scheduler,
+        "resolution": settings.resolution,
+        "working_size": list(work_size),
+        "noise": settings.noise,
+        "base": {"group": base.group, "layer": base.layer} if collage.editing and base else None,
+        "layers": layers,
+    }
+
+
+def layer_weights(
+    layer: CollageLayer,
+    size: tuple[int, int],
+    measure: str = masks.DEFAULT_SIZE_MEASURE,
+) -> tuple[float, float]:
+    """The layer's attention weights (inside, outside): its tags, else the size rule."""
+    r = masks.layer_size(layer, size, measure)
+    default_inside, default_outside = masks.default_attention_weights(r)
+    inside = layer.options.inside if layer.options.inside is not None else default_inside
+    outside = layer.options.outside if layer.options.outside is not None else default_outside
+    return float(inside), float(outside)
 
 
 def _variant_name(seed: int) -> str:
@@ -390,7 +587,7 @@ def inversion_layers(collage: Collage, settings: Settings) -> list[int]:
     """Indices of the layers that get textual inversion (a warning for those that cannot)."""
     chosen = []
     for index, layer in enumerate(collage.layers):
-        if not (layer.options.ti if layer.options.ti is not None else settings.ti):
+        if not layer.uses_ti(settings.ti):
             continue
         if layer.caption and layer.visible_area > 0:
             chosen.append(index)
@@ -408,31 +605,34 @@ def plan_render(
     work_size: tuple[int, int],
     noise: np.ndarray | None = None,
     tokens: Mapping[str, str] | None = None,
+    insert_tokens: Callable[[str, dict[str, str]], str] | None = None,
     *,
     size_measure: str = masks.DEFAULT_SIZE_MEASURE,
 ) -> RenderPlan:
     """Everything the engine needs, at the working resolution.
 
-    ``tokens`` (caption -> learned token) go in front of their captions, in the phrases
-    and in the prompt. ``size_measure``: how the automatic attention weights measure a
-    layer's size (:data:`masks.SIZE_MEASURES`).
+    The prompt is the collage's, with the captions it lacks appended
+    (:attr:`Collage.final_prompt`). ``tokens`` (caption -> learned token) go in front of
+    their captions in the phrases, and in the prompt where ``insert_tokens`` (the
+    engine's, which locates captions by their tokens as steering does) puts them.
+    ``size_measure``: how the automatic attention weights measure a layer's size
+    (:data:`masks.SIZE_MEASURES`).
     """
     from .engine import SteeredPhrase
 
     noise = changeable_noise(collage) if noise is None else noise
-    tokens = tokens or {}
-    prompt = collage.prompt
-    for caption, token in tokens.items():
-        if any(layer.steered and layer.caption == caption for layer in collage.layers):
-            prompt = prompt.replace(caption, f"{token} {caption}", 1)
+    steered = {layer.caption for layer in collage.layers if layer.steered}
+    tokens = {caption: token for caption, token in (tokens or {}).items() if caption in steered}
+    prompt = collage.final_prompt
+    if tokens:
+        if insert_tokens is None:
+            raise ValueError("learned tokens need the engine's insert_tokens to place them")
+        prompt = insert_tokens(prompt, tokens)
     phrases = []
     for layer in collage.layers:
         if not layer.steered:
             continue
-        r = masks.layer_size(layer, collage.document.size, size_measure)
-        default_inside, default_outside = masks.default_attention_weights(r)
-        inside = layer.options.inside if layer.options.inside is not None else default_inside
-        outside = layer.options.outside if layer.options.outside is not None else default_outside
+        inside, outside = layer_weights(layer, collage.document.size, size_measure)
         token = tokens.get(layer.caption)
         text = f"{token} {layer.caption}" if token else layer.caption
         mask = visible_mask_at(layer, collage.document.size, work_size)

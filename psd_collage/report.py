@@ -8,6 +8,8 @@ noise map the sampler will use).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import masks
 from .atomic import atomic_write
-from .collage import Collage, to_u8
+from .collage import Collage, CollageLayer, to_u8
+from .errors import terminal_safe
+from .settings import Settings
 
 #: Longest side of a contact-sheet tile, in pixels.
 TILE = 256
@@ -41,8 +45,18 @@ _RAMP = np.array(
 )
 
 
-def inspect_data(collage: Collage) -> dict[str, Any]:
-    """The ``--json`` object: document, layers back to front, warnings."""
+def layer_noise(collage: Collage, layer: CollageLayer) -> tuple[float, str]:
+    """The noise a render gives ``layer`` and where it comes from, as ``inspect`` shows it."""
+    if collage.editing and not layer.redo:
+        return 0.0, "kept: editing, not [redo]"
+    if layer.locked and layer.noise_source == "default":
+        return 0.0, "lock"
+    return float(layer.noise), layer.noise_source
+
+
+def inspect_data(collage: Collage, settings: Settings | None = None) -> dict[str, Any]:
+    """The ``--json`` object: document, layers back to front, earlier renders, warnings."""
+    settings = settings or Settings()
     doc = collage.document
     document: dict[str, Any] = {
         "width": doc.width,
@@ -50,68 +64,162 @@ def inspect_data(collage: Collage) -> dict[str, Any]:
         "color_mode": doc.color_mode,
         "depth": doc.depth,
         "prompt": collage.prompt,
+        "final_prompt": collage.final_prompt,
         "negative_prompt": collage.negative_prompt,
         "psb": doc.psb,
         "base": None
         if collage.base is None
         else {"layer": collage.base.layer, "group": collage.base.group},
+        "left_by_redo": left_by_redo(collage),
     }
-    layers = [
-        {
-            "name": layer.name,
-            "caption": layer.caption,
-            "noise": round(float(layer.noise), 4),
-            "visible_area": round(float(layer.visible_area), 6),
-            "locked": layer.locked,
-            "sources": list(layer.sources),
-            "steered": layer.steered,
-            "redo": layer.redo,
-            "box": list(layer.box),
-            "options": layer.options.as_dict(),
-        }
-        for layer in collage.layers
+    layers = []
+    for layer in collage.layers:
+        noise, source = layer_noise(collage, layer)
+        layers.append(
+            {
+                "name": layer.name,
+                "caption": layer.caption,
+                "noise": round(noise, 4),
+                "noise_source": source,
+                "visible_area": round(float(layer.visible_area), 6),
+                "locked": layer.locked,
+                "sources": list(layer.sources),
+                "steered": layer.steered,
+                "redo": layer.redo,
+                "ti": layer.uses_ti(settings.ti),
+                "box": list(layer.box),
+                "options": layer.options.as_dict(),
+            }
+        )
+    renders = [
+        {"group": group, "settings": collage.renders.get(group)} for group in collage.earlier_groups
     ]
-    return {"document": document, "layers": layers, "warnings": list(collage.warnings)}
+    return {
+        "document": document,
+        "layers": layers,
+        "renders": renders,
+        "warnings": list(collage.warnings),
+    }
 
 
-def format_table(collage: Collage) -> str:
-    """Readable ``inspect`` output: the document, one row per layer, then warnings."""
+#: Widest a name or caption cell gets before it wraps onto more lines (never cut).
+NAME_COLUMNS = 32
+
+
+def format_table(collage: Collage, settings: Settings | None = None) -> str:
+    """Readable ``inspect`` output: document, prompts, layers, earlier renders, warnings.
+
+    Long names wrap inside their column; nothing is cut, so no tag is ever hidden.
+    Control characters in names are escaped.
+    """
+    settings = settings or Settings()
     doc = collage.document
     kind = "PSB" if doc.psb else "PSD"
     lines = [
         f"{doc.path.name}: {doc.width} x {doc.height} px, {doc.color_mode} {doc.depth}-bit {kind}",
         f"prompt:   {collage.prompt or '(none)'}",
+        f"sampled:  {collage.final_prompt or '(none)'}  (captions it lacks appended)",
         f"negative: {collage.negative_prompt or '(none)'}",
     ]
     if collage.base is not None:
         lines.append(f"editing:  {collage.base.group} / {collage.base.layer}")
+    lines.extend(_moved_lines(collage))
     lines.append("")
-    header = ["#", "layer", "caption", "noise", "area", "lock", "steered"]
-    rows = [
-        [
-            str(index),
-            _shorten(layer.name, 32),
-            _shorten(layer.caption, 32) or "-",
-            f"{layer.noise:.2f}",
-            f"{layer.visible_area * 100:.1f}%",
-            "yes" if layer.locked else "",
-            "yes" if layer.steered else "no",
-        ]
-        for index, layer in enumerate(collage.layers, start=1)
-    ]
-    right_aligned = {0, 3, 4}
-    widths = [max(_width(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        cells = [_pad(cell, widths[i], right=i in right_aligned) for i, cell in enumerate(row)]
-        lines.append("  ".join(cells).rstrip())
+    header = ["#", "layer", "caption", "noise", "from", "area", "redo", "ti", "steered"]
+    rows = []
+    for index, layer in enumerate(collage.layers, start=1):
+        noise, source = layer_noise(collage, layer)
+        rows.append(
+            [
+                str(index),
+                terminal_safe(layer.name),
+                terminal_safe(layer.caption) or "-",
+                f"{noise:.2f}",
+                source,
+                f"{layer.visible_area * 100:.1f}%",
+                "yes" if layer.redo else "",
+                "yes" if layer.uses_ti(settings.ti) else "",
+                "yes" if layer.steered else "no",
+            ]
+        )
+    lines.extend(
+        _table(header, rows, right_aligned={0, 3, 5}, wrap={1: NAME_COLUMNS, 2: NAME_COLUMNS})
+    )
     if not rows:
         lines.append("(no collage layers)")
     lines.append("(layers back to front; area = visible share of the canvas)")
+    if collage.earlier_groups:
+        lines.append("")
+        lines.append(f"earlier renders ({len(collage.earlier_groups)}, oldest first):")
+        lines.extend(
+            _render_lines(group, collage.renders.get(group)) for group in collage.earlier_groups
+        )
     if collage.warnings:
         lines.append("")
         lines.append(f"warnings ({len(collage.warnings)}):")
         lines.extend(f"  - {warning}" for warning in collage.warnings)
-    return "\n".join(lines)
+    return "\n".join(terminal_safe(line) for line in lines)
+
+
+def left_by_redo(collage: Collage) -> dict[str, int] | None:
+    """Pixels moved ``redo`` layers left: regenerated, and of those kept (locked layers)."""
+    vacated = masks.vacated_mask(collage)
+    if vacated is None:
+        return None
+    area = vacated > 0
+    kept = area & (masks.noise_map(collage) <= 0.0)
+    return {"pixels": int(area.sum()), "locked_pixels": int(kept.sum())}
+
+
+def _moved_lines(collage: Collage) -> list[str]:
+    moves = masks.moved_redo_layers(collage)
+    left = left_by_redo(collage)
+    if not moves or left is None:
+        return []
+    lines = [
+        f"moved:    {layer.name!r} from box {list(old)} to {list(layer.box)}"
+        for layer, old in moves
+    ]
+    lines.append(
+        f"          the [redo] layers left {left['pixels']} px: regenerated from the document, "
+        f"{left['locked_pixels']} px of them under locked layers come back exactly"
+    )
+    return lines
+
+
+def _render_lines(group: str, record: dict[str, Any] | None) -> str:
+    if record is None:
+        return f"  - {group}: no recorded settings (an older psd-collage, or the XMP was removed)"
+    seeds = ", ".join(f"{v.get('layer')}" for v in record.get("variants", []))
+    size = "x".join(str(v) for v in record.get("working_size") or []) or "?"
+    weights = str(record.get("weights") or "?")[:20]
+    return (
+        f"  - {group}: {record.get('model')} ({weights}); {seeds}; {record.get('steps')} steps, "
+        f"guidance {record.get('guidance')}, {record.get('scheduler')}, {size} px, noise "
+        f"{record.get('noise')}; prompt {record.get('final_prompt', record.get('prompt'))!r}"
+    )
+
+
+def _table(
+    header: list[str], rows: list[list[str]], *, right_aligned: set[int], wrap: dict[int, int]
+) -> list[str]:
+    """Aligned columns; cells in ``wrap`` columns continue on extra lines past their width."""
+    split_rows = [
+        [_wrap(cell, wrap[i]) if i in wrap else [cell] for i, cell in enumerate(row)]
+        for row in [header, *rows]
+    ]
+    widths = [
+        max(_width(part) for row in split_rows for part in row[i]) for i in range(len(header))
+    ]
+    out = []
+    for row in split_rows:
+        for line in range(max(len(cell) for cell in row)):
+            cells = [
+                _pad(cell[line] if line < len(cell) else "", widths[i], right=i in right_aligned)
+                for i, cell in enumerate(row)
+            ]
+            out.append("  ".join(cells).rstrip())
+    return out
 
 
 def write_sheet(collage: Collage, path: Path) -> Path:
@@ -126,6 +234,10 @@ def write_sheet(collage: Collage, path: Path) -> Path:
         tile_size, Image.Resampling.LANCZOS, reducing_gap=3.0
     )
     tiles.append((start, "collage", "editing base" if collage.editing else "flattened"))
+    vacated = masks.vacated_mask(collage)
+    if vacated is not None:
+        left = Image.fromarray(to_u8(vacated)).resize(tile_size, Image.Resampling.BOX)
+        tiles.append((left.convert("RGB"), "left by [redo]", "regenerated; locked parts kept"))
     for layer in collage.layers:
         label = layer.caption or f"({layer.name})"
         detail = f"noise {layer.noise:.2f} · {layer.visible_area * 100:.1f}%"
@@ -190,23 +302,13 @@ def _layout(
     title_h = 24
     sheet = Image.new("RGB", (columns * cell_w + _GAP, title_h + rows * cell_h + _GAP), _BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    draw.text((_GAP, 6), _fit(draw, title, sheet.width - 2 * _GAP, 12), fill=_TEXT, font=_font(12))
+    _label(draw, (_GAP, 6), title, sheet.width - 2 * _GAP, 12, _TEXT)
     for index, (image, label, detail) in enumerate(tiles):
         x = _GAP + (index % columns) * cell_w
         y = title_h + (index // columns) * cell_h
         sheet.paste(image, (x, y))
-        draw.text(
-            (x, y + tile_size[1] + 2),
-            _fit(draw, label, tile_size[0], 12),
-            fill=_TEXT,
-            font=_font(12),
-        )
-        draw.text(
-            (x, y + tile_size[1] + 15),
-            _fit(draw, detail, tile_size[0], 10),
-            fill=_DIM,
-            font=_font(10),
-        )
+        _label(draw, (x, y + tile_size[1] + 2), label, tile_size[0], 12, _TEXT)
+        _label(draw, (x, y + tile_size[1] + 15), detail, tile_size[0], 10, _DIM)
     return sheet
 
 
@@ -216,16 +318,81 @@ def _sheet_title(collage: Collage) -> str:
     return f"{doc.path.name} · {doc.width}x{doc.height} · {prompt}"
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+#: Fonts tried for labels, in order: the first that has every character of a label draws
+#: it. DejaVu Sans covers Latin, Greek and Cyrillic; Droid Sans Fallback and the others
+#: CJK. Debian: fonts-dejavu-core, fonts-droid-fallback. Pillow's own font is the fallback.
+FONT_CANDIDATES = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/System/Library/Fonts/Supplemental/Arial Unicode.ttf",
+    "/Library/Fonts/Arial Unicode.ttf",
+    "C:/Windows/Fonts/arialuni.ttf",
+    "C:/Windows/Fonts/msyh.ttc",
+    "C:/Windows/Fonts/segoeui.ttf",
+)
+
+
+@functools.cache
+def _coverage(path: str) -> frozenset[int]:
+    """The code points a font file has glyphs for (empty when it is absent or unreadable)."""
+    from fontTools.ttLib import TTFont
+
+    try:
+        with TTFont(path, fontNumber=0, lazy=True) as font:
+            return frozenset(font.getBestCmap() or {})
+    except (OSError, ValueError, KeyError, AssertionError):
+        return frozenset()
+
+
+def font_for(text: str) -> str | None:
+    """The first of :data:`FONT_CANDIDATES` with a glyph for every character of ``text``."""
+    wanted = {ord(c) for c in text if not c.isspace() and unicodedata.category(c)[0] != "C"}
+    best, best_count = None, -1
+    for path in FONT_CANDIDATES:
+        covered = _coverage(path)
+        if not covered:
+            continue
+        count = len(wanted & covered)
+        if count == len(wanted):
+            return path
+        if count > best_count:
+            best, best_count = path, count
+    return best
+
+
+@functools.lru_cache(maxsize=64)
+def _font_file(path: str | None, size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            return ImageFont.truetype(path, size)
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the fixed-size bitmap font
         return ImageFont.load_default()
 
 
+def _font(size: int, text: str = "") -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """A font of ``size`` px that can draw ``text`` (Cyrillic, CJK, ä, ß...)."""
+    return _font_file(font_for(text), size)
+
+
+def _label(
+    draw: ImageDraw.ImageDraw,
+    at: tuple[int, int],
+    text: str,
+    width: int,
+    size: int,
+    fill: tuple[int, int, int],
+) -> None:
+    """Draw ``text`` shortened to ``width`` in a font that has its characters."""
+    text = terminal_safe(text)
+    draw.text(at, _fit(draw, text, width, size), fill=fill, font=_font(size, text))
+
+
 def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, size: int) -> str:
     """Shorten ``text`` with an ellipsis until it fits ``width`` pixels."""
-    font = _font(size)
+    font = _font(size, text)
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "…", font=font) > width:
@@ -253,12 +420,19 @@ def _pad(text: str, width: int, *, right: bool = False) -> str:
     return space + text if right else text + space
 
 
-def _shorten(text: str, limit: int) -> str:
-    if _width(text) <= limit:
-        return text
-    out = ""
-    for char in text:
-        if _width(out + char) > limit - 1:
-            break
-        out += char
-    return out + "…"
+def _wrap(text: str, limit: int) -> list[str]:
+    """``text`` in pieces of at most ``limit`` terminal columns, broken at spaces if possible."""
+    pieces: list[str] = []
+    while _width(text) > limit:
+        cut = ""
+        for char in text:
+            if _width(cut + char) > limit:
+                break
+            cut += char
+        space = cut.rfind(" ")
+        if space > 0:
+            cut = cut[: space + 1]
+        pieces.append(cut.rstrip())
+        text = text[len(cut) :]
+    pieces.append(text)
+    return pieces

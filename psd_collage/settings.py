@@ -11,6 +11,8 @@ tag in a layer name is more specific and wins over them, and the sidecar's
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import re
 import tomllib
 import typing
@@ -104,7 +106,13 @@ def parse_tags(block: str, *, layer: str) -> LayerOptions:
         key, value = key.strip().lower(), value.strip()
         if key not in LAYER_KEYS:
             known = ", ".join(LAYER_KEYS)
-            raise TagError(f"layer {layer!r}: unknown tag {key!r} (known tags: {known})")
+            close = difflib.get_close_matches(key, list(LAYER_KEYS), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise TagError(f"layer {layer!r}: unknown tag {key!r} ({hint}known tags: {known})")
+        if key in values:
+            raise TagError(
+                f"layer {layer!r}: tag {key!r} is given twice; keep one in the layer name"
+            )
         values[key] = _coerce(key, value if sep else "", layer=layer, where="tag")
     return LayerOptions(**values)
 
@@ -345,6 +353,9 @@ class Settings:
         option=False,
     )
     preview: bool = setting(False, "Also write NAME.preview.png.", option=False)
+    lenient: bool = setting(
+        False, "Read a layer whose pixel data is damaged with that channel black, not refuse it."
+    )
     layers: Mapping[str, LayerOptions] = field(default_factory=dict)
 
     def updated(self, values: Mapping[str, Any], *, where: str = "settings") -> Settings:
@@ -394,6 +405,8 @@ class Setting:
         ):
             wanted = " or ".join(t.__name__ for t in self.accepted)
             raise SettingsError(f"{where}: setting {key!r} must be a {wanted}, not {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SettingsError(f"{where}: setting {key}={value!r} must be a finite number")
         if spec.range is not None:
             low, high = spec.range
             if not low <= value <= high:
@@ -584,7 +597,5 @@ def sidecar_path(psd_path: str | Path) -> Path:
 
 
 def _did_you_mean(key: str, options: frozenset[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(key, sorted(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(options))})"

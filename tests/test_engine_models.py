@@ -85,7 +85,7 @@ def test_uncached_hub_id_offline_gives_one_line_advice(monkeypatch):
         load_engine("psd-collage-tests/no-such-model", device="cpu")
     message = str(error.value)
     assert "\n" not in message
-    assert "huggingface-cli download psd-collage-tests/no-such-model" in message
+    assert "hf download psd-collage-tests/no-such-model" in message
     assert "--model tiny" in message
 
 
@@ -103,7 +103,7 @@ def test_uncached_hub_id_without_network_fails_fast_with_advice(monkeypatch):
     assert time.monotonic() - start < 10  # no half-minute of retries
     message = str(error.value)
     assert "\n" not in message and "cannot be reached" in message
-    assert "huggingface-cli download psd-collage-tests/no-such-model" in message
+    assert "hf download psd-collage-tests/no-such-model" in message
 
 
 def test_foreign_single_file_offline_says_which_configs_are_missing(tmp_path, monkeypatch):

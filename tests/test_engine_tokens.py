@@ -7,7 +7,7 @@ from engine_helpers import random_image, tiny_engine
 
 from psd_collage.engine import GenerationRequest, SteeredPhrase
 from psd_collage.engine.tiny_vocab import build_tiny_tokenizer
-from psd_collage.engine.tokens import locate_captions
+from psd_collage.engine.tokens import insert_before_captions, locate_captions
 
 
 def _tokens_at(tokenizer, prompt, span):
@@ -81,3 +81,24 @@ def test_generation_reports_the_prompt_it_used_and_unlocatable_captions():
     assert result.prompt.endswith(", yellow boat")
     assert len(result.warnings) == 1 and "yellow boat" in result.warnings[0]
     assert len(result.images) == 1
+
+
+def test_ti_token_goes_before_the_caption_steering_finds():
+    """Token level, as steering: ``car`` is not in ``carpet``; case does not matter."""
+    tok = build_tiny_tokenizer()
+    tok.add_tokens(["<ti-1>", "<ti-2>"])
+    assert insert_before_captions([tok], "a red carpet and a car", {"car": "<ti-1>"}) == (
+        "a red carpet and a <ti-1> car"
+    )
+    assert insert_before_captions([tok], "A Red Car", {"red car": "<ti-1>"}) == "A <ti-1> Red Car"
+    both = insert_before_captions(
+        [tok], "a red car and a red car", {"red car": "<ti-1>", "car": "<ti-2>"}
+    )
+    assert both == "a <ti-1> red car and a red <ti-2> car"  # the spans steering assigns
+    assert insert_before_captions([tok], "a dog", {"blue ball": "<ti-1>"}) == (
+        "a dog, <ti-1> blue ball"
+    )
+    # Steering then finds "<token> caption" once, inside the prompt, with nothing appended.
+    prompt = insert_before_captions([tok], "A Red Car", {"red car": "<ti-1>"})
+    used, spans, _ = locate_captions([tok], prompt, ["<ti-1> red car"])
+    assert used == prompt and spans[0] is not None

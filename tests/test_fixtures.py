@@ -43,20 +43,20 @@ LAYERS = {
     "layer-name-emoji.psd": 1,
     "layer_comps.psb": 5,
     "layer_comps.psd": 5,
-    "layer_effects.psd": 12,
+    "layer_effects.psd": 1,  # 11 type layers above the photo stay live
     "layer_mask_data.psd": 5,
     "layer_params.psd": 3,
     "mask-index.psd": 1,
     "mask.psd": 3,
     "masks.psb": 8,
     "masks.psd": 8,
-    "masks2.psd": 3,
+    "masks2.psd": 2,  # its type layer on top stays live
     "passthrough_blendmodes2.psd": 4,
     "pen-text.psd": 5,
     "placedLayer.psd": 4,
     "semi-transparent-layers.psd": 2,
     "smart-object-slice.psd": 3,
-    "text.psd": 2,
+    "text.psd": 1,  # its type layer on top stays live
     "transparentbg-gimp.psd": 1,
 }
 
@@ -67,6 +67,9 @@ PROFILE_GAP = {
     "layer_comps.psd": 8.0,
     "layer_comps.psb": 8.0,
     "pen-text.psd": 8.0,
+    # Its 11 live type layers carry strokes and shadows, which psd-tools does not draw
+    # into the overlay laid over the picture (Photoshop redraws them on open).
+    "layer_effects.psd": 8.0,
 }
 
 #: file -> (error class, words the message must contain)
@@ -128,7 +131,12 @@ def test_fixture(fixtures_dir: Path, name: str) -> None:
         a = rgba[..., 3:] / 255.0
         reference = rgba[..., :3] * a + 255.0 * (1.0 - a)
         tolerance = PROFILE_GAP.get(name, 3.0)
-        assert np.abs(collage.composite - reference).mean() < tolerance
+        picture = collage.composite.astype(np.float32)
+        if collage.overlay is not None:  # type layers that stay live above the output
+            over = collage.overlay.astype(np.float32)
+            cover = over[..., 3:] / 255.0
+            picture = picture * (1.0 - cover) + over[..., :3] * cover
+        assert np.abs(picture - reference).mean() < tolerance
 
 
 def test_every_fixture_has_an_expected_outcome(fixtures_dir: Path) -> None:

@@ -357,8 +357,8 @@ def test_prompt_text_layer_even_hidden_is_the_prompt_not_a_layer(
 def test_visible_prompt_text_is_left_out_of_the_composite(
     fixtures_dir: Path, tmp_path: Path
 ) -> None:
-    original = read_collage(fixtures_dir / "text.psd")
-    text = original.layers[1]
+    original = read_collage(_text_fixture(fixtures_dir, tmp_path, "the text [lock]"))
+    text = original.layers[1]  # tagged in: a collage layer, in the picture
     left, top, right, bottom = text.box
     collage = read_collage(_text_fixture(fixtures_dir, tmp_path, "prompt"))
     background = collage.layers[0]

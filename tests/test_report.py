@@ -35,7 +35,7 @@ def collage(tmp_path: Path):
 
 def test_inspect_data_has_the_documented_shape(collage) -> None:
     data = report.inspect_data(collage)
-    assert set(data) == {"document", "layers", "warnings"}
+    assert set(data) == {"document", "layers", "renders", "warnings"}
     doc = data["document"]
     assert {"width", "height", "color_mode", "depth", "prompt", "negative_prompt"} <= set(doc)
     assert (doc["width"], doc["height"], doc["color_mode"], doc["depth"]) == (128, 96, "RGB", 8)
@@ -44,6 +44,7 @@ def test_inspect_data_has_the_documented_shape(collage) -> None:
     assert names == ["a lawn", "a red car [lock]", "猫と犬 🐱 [noise=0.9]", "Layer 4"]
     for layer in data["layers"]:
         assert {"name", "caption", "noise", "visible_area", "locked", "sources"} <= set(layer)
+        assert {"noise_source", "redo", "ti"} <= set(layer)
     car, pets = data["layers"][1], data["layers"][2]
     assert car["locked"] is True and car["noise"] == 0.0 and car["options"] == {"lock": True}
     assert pets["caption"] == "猫と犬 🐱" and pets["noise"] == 0.9 and pets["locked"] is False
@@ -121,3 +122,20 @@ def test_sheet_of_the_sample_is_scaled_down(tmp_path: Path) -> None:
     assert (
         height == 24 + -(-tiles // 4) * (tile_h + report._LABEL_HEIGHT + report._GAP) + report._GAP
     )
+
+
+@pytest.mark.parametrize(("one", "other"), [("Кот", "Дом"), ("猫", "犬"), ("ä ß", "ö ẞ")])
+def test_sheet_labels_draw_non_latin_text_with_a_font_that_has_it(one: str, other: str) -> None:
+    """Tofu boxes would draw two different words alike; real glyphs don't."""
+    from PIL import Image, ImageDraw
+
+    from psd_collage.report import _font, font_for
+
+    assert font_for(one) is not None, "install fonts-dejavu-core and fonts-droid-fallback"
+
+    def draw(text: str) -> np.ndarray:
+        image = Image.new("L", (80, 20))
+        ImageDraw.Draw(image).text((2, 2), text, fill=255, font=_font(14, text))
+        return np.asarray(image)
+
+    assert draw(one).any() and not np.array_equal(draw(one), draw(other))

@@ -29,6 +29,7 @@ from .models import (
     make_scheduler,
     resolve_device,
     resolve_dtype,
+    weights_digest,
 )
 from .sampler import (
     DEFAULT_PIN_DILATION,
@@ -41,7 +42,13 @@ from .sampler import (
     steps_to_run,
     strength_to_latents,
 )
-from .tokens import PromptEmbeddings, Span, encode_prompt, locate_captions
+from .tokens import (
+    PromptEmbeddings,
+    Span,
+    encode_prompt,
+    insert_before_captions,
+    locate_captions,
+)
 
 #: Seeds denoised together in one UNet batch (more is faster on a big GPU, costs memory).
 DEFAULT_MAX_BATCH = 4
@@ -105,6 +112,7 @@ class Engine:
         self.options = options
         self.components = components
         self.model_name = components.name
+        self.weights_hash = weights_digest(components)  # before TI adds any token
         self.kind = components.kind
         self.native_resolution = components.native_resolution
         self.device = device
@@ -189,6 +197,10 @@ class Engine:
         if loras:
             self._lora_originals = fuse_loras(self.components, loras)
             self._loras = wanted
+
+    def insert_tokens(self, prompt: str, tokens: dict[str, str]) -> str:
+        """``prompt`` with each learned token before its caption, where steering locates it."""
+        return insert_before_captions(self.components.tokenizers, prompt, tokens)
 
     def working_size(self, size: tuple[int, int], resolution: int | None = None) -> tuple[int, int]:
         """(w, h) multiples of 64 with area about resolution^2 and the document's aspect."""

@@ -9,6 +9,7 @@ never from a flag. Every user-caused failure becomes a one-line
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -109,6 +110,23 @@ class ModelComponents:
         yield "vae", self.vae
         for i, encoder in enumerate(self.text_encoders):
             yield ("text_encoder" if i == 0 else f"text_encoder_{i + 1}"), encoder
+
+
+def weights_digest(components: ModelComponents) -> str:
+    """``sha256:<hex>`` over every weight (name, dtype, shape, bytes) of every module.
+
+    Recorded with each render so a variant can be reproduced with the very same
+    weights, whatever the model was called. Costs one pass over the weights, once per
+    model load (benchmarks/bench_editing.py; sha256 is the fastest of hashlib's on
+    CPUs with SHA extensions, twice blake2b's speed here).
+    """
+    digest = hashlib.sha256()
+    for module_name, module in components.modules():
+        for name, tensor in module.state_dict().items():
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"{module_name}.{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().data)
+    return f"sha256:{digest.hexdigest()}"
 
 
 # ---------------------------------------------------------------------------
@@ -567,7 +585,7 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> ModelComponents:
         raise ModelError(
             f"{path}: a single-file checkpoint needs the diffusers configs and tokenizer of "
             f"{config_repo}, which are not in the local Hugging Face cache ({reason}); fetch them "
-            f"once with `huggingface-cli download {config_repo} --exclude '*.safetensors' '*.bin' "
+            f"once with `hf download {config_repo} --exclude '*.safetensors' '*.bin' "
             "'*.ckpt'`, or point --model at a diffusers folder"
         ) from None
     return from_pipeline(pipe, str(path))
@@ -686,7 +704,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype, allow_pickle: bool) -> ModelComp
 
 def _load_hub_quietly(repo_id: str, dtype: torch.dtype, allow_pickle: bool) -> ModelComponents:
     advice = (
-        f"download it once with `huggingface-cli download {repo_id}`, point --model at a "
+        f"download it once with `hf download {repo_id}`, point --model at a "
         "diffusers folder or a .safetensors file, or use --model tiny"
     )
     return load_from_hub(

@@ -9,6 +9,7 @@ prompt are appended to it. A caption that still has no tokens inside CLIP's
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,6 +115,39 @@ def locate_captions(
                 break
         spans.append(span)
     return used, spans, warnings
+
+
+def _word_starts(text: str, caption: str) -> list[int]:
+    """Character offsets where ``caption``'s words begin as whole words, in any case."""
+    words = [re.escape(word) for word in caption.split()]
+    pattern = re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.IGNORECASE)
+    return [match.start() for match in pattern.finditer(text)]
+
+
+def insert_before_captions(
+    tokenizers: Sequence[CLIPTokenizer], prompt: str, tokens: dict[str, str]
+) -> str:
+    """``prompt`` with ``tokens[caption]`` written just before each caption, where steering finds it.
+
+    The caption is located exactly as :func:`locate_captions` locates it for steering (a
+    token span, never a substring: ``car`` is not inside ``carpet``, ``red car`` is inside
+    ``A Red Car``), then the characters that spell that span get the token in front.
+    Captions the prompt lacks are appended first, as sampling does.
+    """
+    captions = list(tokens)
+    used, spans, _ = locate_captions(tokenizers, prompt, captions)
+    main = tokenizers[0]
+    edits: list[tuple[int, str]] = []
+    for caption, span in zip(captions, spans, strict=True):
+        if span is None:
+            continue
+        for offset in _word_starts(used, caption):  # the occurrence at the span's tokens
+            if len(_ids(main, used[:offset])) + 1 == span.start:
+                edits.append((offset, f"{tokens[caption]} "))
+                break
+    for offset, text in sorted(edits, reverse=True):
+        used = used[:offset] + text + used[offset:]
+    return used
 
 
 # ---------------------------------------------------------------------------

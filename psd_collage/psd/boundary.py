@@ -16,6 +16,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from psd_tools.compression import PSDDecompressionWarning
+
 from ..errors import CollageError
 
 #: Distinct psd-tools messages passed on as warnings; the rest are counted.
@@ -50,6 +52,13 @@ def psd_tools_errors(path: Path, what: str) -> Iterator[None]:
         yield
     except CollageError:
         raise
+    except PSDDecompressionWarning as exc:  # raised, not warned, unless lenient
+        codec = str(exc).split(" ", 1)[0]
+        raise CollageError(
+            f"cannot be read ({what}: its {codec} pixel data is damaged); save it again from "
+            "Photoshop, or use --lenient to render it with the damaged channel black",
+            path=path,
+        ) from exc
     except MemoryError:
         raise CollageError(
             f"not enough memory while {what}; close other programs or reduce the canvas size",
@@ -82,8 +91,12 @@ class Diagnostics(logging.Handler):
 
 
 @contextlib.contextmanager
-def quiet_psd_tools() -> Iterator[Diagnostics]:
-    """A psd-tools warning flood never reaches the user; the distinct ones become warnings."""
+def quiet_psd_tools(*, lenient: bool = False) -> Iterator[Diagnostics]:
+    """A psd-tools warning flood never reaches the user; the distinct ones become warnings.
+
+    Damaged pixel data, which psd-tools replaces with black, is an error unless
+    ``lenient``: :func:`psd_tools_errors` names the layer being read.
+    """
     logger = logging.getLogger("psd_tools")
     handler = Diagnostics()
     old_propagate = logger.propagate
@@ -92,6 +105,8 @@ def quiet_psd_tools() -> Iterator[Diagnostics]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            if not lenient:
+                warnings.simplefilter("error", PSDDecompressionWarning)
             yield handler
         for item in caught:
             handler.add(str(item.message))

@@ -71,6 +71,7 @@ def build_psd(
 
 
 def _add(parent: Any, item: Pixels | Group) -> None:
+    """Add ``item`` with a layer id, as Photoshop gives every layer (psd-tools gives none)."""
     if isinstance(item, Group):
         group = parent.create_group(name="group")
         for child in item.children:
@@ -90,6 +91,11 @@ def _add(parent: Any, item: Pixels | Group) -> None:
     # psd-tools' save() raises on names outside MacRoman: create with ASCII, then rename.
     layer.name = item.name
     layer.visible = item.visible
+    root = layer
+    while root.parent is not None:
+        root = root.parent
+    ids = [other.layer_id for other in root.descendants()]
+    layer.tagged_blocks.set_data(Tag.LAYER_ID, max([0, *ids]) + 1)
     if item.lock_all:
         # Layer.lock() loses the flags on a layer without locks (set_data copies the
         # value it was given), so set the 'lspf' block directly.

@@ -55,12 +55,16 @@ class Compositor:
             return None
         return trim(rendered, viewport)
 
-    def render(self, target: Any, viewport: Box, *, opaque: bool) -> np.ndarray:
+    def render(
+        self, target: Any, viewport: Box, *, opaque: bool, only: set[int] | None = None
+    ) -> np.ndarray:
         """psd-tools' composite of ``target`` over ``viewport`` as uint8 sRGB.
 
         Returns (h, w, 4) RGBA, or (h, w, 3) RGB flattened over white when
-        ``opaque``. Large viewports go in bands (see :data:`BAND_PIXELS`).
+        ``opaque``. Large viewports go in bands (see :data:`BAND_PIXELS`). ``only``:
+        composite just these layers (``id()``s) instead of what :meth:`accept` takes.
         """
+        accept = self.accept if only is None else (lambda layer: id(layer) in only)
         left, top, right, bottom = viewport
         width = right - left
         out = np.empty((bottom - top, width, 3 if opaque else 4), np.uint8)
@@ -75,7 +79,7 @@ class Compositor:
                 color=1.0,
                 alpha=0.0,
                 viewport=band,
-                layer_filter=self.accept,
+                layer_filter=accept,
                 as_layer=as_layer,
             )
             rows_out = out[y - top : band[3] - top]

@@ -6,6 +6,7 @@ file, to tell a half-copied file from a complete one, and needs nothing else.
 
 from __future__ import annotations
 
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,10 +92,29 @@ def document_size(path: str | Path) -> tuple[int, int]:
     return header.width, header.height
 
 
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a plain file"
+
+
 def read_header(path: Path, max_pixels: int | None) -> Header:
     """The header of a complete PSD/PSB we can render; a :class:`CollageError` otherwise."""
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise CollageError(
+                f"is not a regular file (it is {_file_kind(info.st_mode)}); give a saved "
+                ".psd or .psb file",
+                path=path,
+            )
+        size = info.st_size
         with path.open("rb") as fh:
             head = fh.read(HEADER_BYTES)
             if not (head[:4] == b"8BPS" or (len(head) < 4 and b"8BPS".startswith(head))):

@@ -27,11 +27,15 @@ from . import color
 from .boundary import diagnostics_as_warnings, psd_tools_errors, quiet_psd_tools
 from .composite import Compositor
 from .header import SUPPORTED_MODES, Header, read_header
+from .history import read_renders
 from .names import HARMONIZED_PREFIX, NEGATIVE_LAYER, PROMPT_LAYER, clean_text, is_default_name
 from .xmp import xmp_description
 
 #: Photoshop's "Lock all" bit in the layer's protection flags ('lspf').
 _LOCK_ALL = 0x80000000
+
+#: The noise source of a type layer below the output that is not tagged in: kept exactly.
+TYPE_KEPT = "type layer (kept)"
 
 
 @dataclass
@@ -42,6 +46,8 @@ class _Item:
     caption: str
     options: LayerOptions
     sources: list[str] = field(default_factory=list)
+    noise_source: str = "default"  # tag, sidecar, Photoshop lock, [split] group or default
+    text: bool = False  # a type layer not tagged in: kept as it is, or live above the output
 
 
 _DEFAULT_SETTINGS = Settings()  # frozen: safe to share as a default
@@ -55,7 +61,7 @@ def read_collage(path: str | Path, settings: Settings = _DEFAULT_SETTINGS) -> Co
     """
     path = Path(path)
     header = read_header(path, settings.max_pixels)
-    with quiet_psd_tools() as diagnostics:
+    with quiet_psd_tools(lenient=settings.lenient) as diagnostics:
         with psd_tools_errors(path, "opening it"):
             psd = PSDImage.open(path)
         if len(psd) == 0:
@@ -97,6 +103,7 @@ class _Reader:
             self._walk(self.psd, LayerOptions(), collect=True)
         self._check_sidecar_keys()
         self._check_colour_profile()
+        output_at, live = self._place_output()
         layers = [layer for item in self.items if (layer := self._collage_layer(item))]
         if not layers and not self.harmonized:
             raise UnsupportedDocument(
@@ -104,14 +111,7 @@ class _Reader:
                 "least one layer in Photoshop and save again",
                 path=self.path,
             )
-        unnamed = [layer.name for layer in layers if not layer.caption]
-        if unnamed:
-            names = ", ".join(repr(name) for name in unnamed[:8])
-            more = f" and {len(unnamed) - 8} more" if len(unnamed) > 8 else ""
-            self.warnings.append(
-                f"{len(unnamed)} layer(s) have a default Photoshop name ({names}{more}): they "
-                "stay in the picture but are not steered; rename them to say what they show"
-            )
+        self._warn_unnamed(layers)
         masks.assign_visible_masks(layers, self.size)
         for layer in layers:
             layer.steered = bool(layer.caption) and layer.visible_area >= self.settings.min_area
@@ -141,6 +141,11 @@ class _Reader:
             base=base,
             warnings=self.warnings,
             background_noise=self.settings.noise,
+            earlier_groups=[group.name for group in self.harmonized],
+            renders=read_renders(self.xmp),
+            output_at=output_at,
+            live_above=[layer.name for layer in live],
+            overlay=self._overlay(live),
         )
         if any(layer.redo for layer in layers) and base is None:
             self.warnings.append(
@@ -148,6 +153,59 @@ class _Reader:
                 "collage is rendered; show the variant you want to edit"
             )
         return collage
+
+    def _warn_unnamed(self, layers: list[CollageLayer]) -> None:
+        unnamed = [
+            layer.name for layer in layers if not layer.caption and layer.noise_source != TYPE_KEPT
+        ]
+        if unnamed:
+            names = ", ".join(repr(name) for name in unnamed[:8])
+            more = f" and {len(unnamed) - 8} more" if len(unnamed) > 8 else ""
+            self.warnings.append(
+                f"{len(unnamed)} layer(s) have a default Photoshop name ({names}{more}): they "
+                "stay in the picture but are not steered; rename them to say what they show"
+            )
+
+    def _place_output(self) -> tuple[int | None, list[Layer]]:
+        """Where the output group goes, and the layers that stay live above it.
+
+        It goes directly above the top-most top-level layer that took part: a collage
+        layer (or the group holding it), an adjustment layer (applied to the picture),
+        an earlier ``[harmonized]`` group, and the layers clipped to it. Type layers not
+        tagged in that lie above it stay live on top (left out of the picture); those
+        below it are kept exactly. Returns (top-level layers below the output, or None
+        for the very top; the live layers above it).
+        """
+        top_level = list(self.psd)
+        position = {id(layer): index for index, layer in enumerate(top_level)}
+
+        def top_index(layer: Any) -> int:
+            while layer.parent is not None and layer.parent is not self.psd:
+                layer = layer.parent
+            return position[id(layer)]
+
+        took_part = [top_index(item.layer) for item in self.items if not item.text]
+        took_part += [position[id(group)] for group in self.harmonized]
+        took_part += [
+            index
+            for index, layer in enumerate(top_level)
+            if isinstance(layer, AdjustmentLayer) and layer.visible
+        ]
+        top = max(took_part, default=len(top_level) - 1)
+        while top + 1 < len(top_level) and top_level[top + 1].clipping:
+            top += 1
+        live = [item.layer for item in self.items if item.text and top_index(item.layer) > top]
+        self.items = [item for item in self.items if item.layer not in live]
+        self.excluded.update(id(layer) for layer in live)
+        return (None if top + 1 >= len(top_level) else top + 1), live
+
+    def _overlay(self, live: list[Layer]) -> np.ndarray | None:
+        """The live layers above the output as one RGBA sRGB image, for the merged image."""
+        if not live:
+            return None
+        shown = {id(node) for layer in live for node in [layer, *_ancestors(layer)]}
+        with psd_tools_errors(self.path, "compositing the layers above the output"):
+            return self.compositor.render(self.psd, (0, 0, *self.size), opaque=False, only=shown)
 
     def _find_special_layers(self) -> None:
         """Prompt text layers (hidden or not) and [harmonized] groups, anywhere."""
@@ -173,7 +231,7 @@ class _Reader:
                 continue  # prompt text, [harmonized], hidden: out of collage and composite
             if isinstance(layer, AdjustmentLayer):
                 continue  # changes the composite below it, never a collage layer
-            caption, options, tags = self._options(layer, inherited)
+            caption, options, tags, noise_source = self._options(layer, inherited)
             if options.skip:
                 self.excluded.add(id(layer))
                 continue
@@ -194,12 +252,17 @@ class _Reader:
                 continue
             if layer.is_group():
                 self._walk(layer, LayerOptions(), collect=False)
-            self.items.append(_Item(layer, caption, options))
+            if isinstance(layer, TypeLayer) and split_layer_name(layer.name)[1] is None:
+                # Live type: not a collage layer unless tagged in (see _place_output).
+                options, noise_source = dataclasses.replace(options, lock=True), TYPE_KEPT
+                self.items.append(_Item(layer, "", options, noise_source=noise_source, text=True))
+                continue
+            self.items.append(_Item(layer, caption, options, noise_source=noise_source))
 
     def _options(
         self, layer: Layer, inherited: LayerOptions
-    ) -> tuple[str, LayerOptions, LayerOptions]:
-        """Caption, options and the name's own tags.
+    ) -> tuple[str, LayerOptions, LayerOptions, str]:
+        """Caption, options, the name's own tags, and where the noise level came from.
 
         Precedence: Photoshop lock < enclosing [split] group < tags < sidecar.
         """
@@ -210,15 +273,20 @@ class _Reader:
                 tags = parse_tags(block, layer=layer.name)
             except TagError as exc:
                 raise TagError(exc.detail, path=self.path) from None
-        options = LayerOptions(lock=True) if _photoshop_locked(layer) else LayerOptions()
-        options = options.merged(inherited).merged(tags)
+        locked = LayerOptions(lock=True) if _photoshop_locked(layer) else LayerOptions()
+        steps = [("Photoshop lock", locked), ("[split] group", inherited), ("tag", tags)]
         for key in (caption, layer.name):  # the full name is more specific: it wins
             if key in self.settings.layers:
-                options = options.merged(self.settings.layers[key])
+                steps.append(("sidecar", self.settings.layers[key]))
                 self.sidecar_used.add(key)
+        options, source = LayerOptions(), "default"
+        for name, step in steps:
+            options = options.merged(step)
+            if step.noise is not None or step.lock is not None:
+                source = name
         if is_default_name(caption):
             caption = ""
-        return caption, options, tags
+        return caption, options, tags, source
 
     def _check_sidecar_keys(self) -> None:
         unused = [key for key in self.settings.layers if key not in self.sidecar_used]
@@ -268,6 +336,8 @@ class _Reader:
             box=box,
             sources=sources,
             noise=0.0 if options.lock else float(noise),
+            noise_source=item.noise_source,
+            layer_id=_layer_id(layer),
         )
 
     def _sources(self, layer: Layer) -> list[str]:
@@ -368,6 +438,22 @@ class _Reader:
 # ---------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------
+
+
+def _layer_id(layer: Layer) -> int | None:
+    try:
+        value = layer.layer_id
+    except (AttributeError, KeyError):
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _ancestors(layer: Layer) -> list[Layer]:
+    out = []
+    while isinstance(layer.parent, Layer):
+        layer = layer.parent
+        out.append(layer)
+    return out
 
 
 def _photoshop_locked(layer: Layer) -> bool:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from psd_tools.constants import (
@@ -30,6 +31,7 @@ from psd_tools.constants import (
 )
 from psd_tools.psd import PSD
 from psd_tools.psd.header import FileHeader
+from psd_tools.psd.image_resources import ImageResource
 from psd_tools.psd.layer_and_mask import (
     ChannelData,
     ChannelDataList,
@@ -43,8 +45,10 @@ from psd_tools.psd.tagged_blocks import TaggedBlocks
 from ..atomic import atomic_open, atomic_write
 from ..errors import CollageError, UnsupportedDocument
 from .color import from_srgb
+from .history import add_render
+from .names import HARMONIZED_PREFIX
 
-__all__ = ["write_variants", "layer_compression"]
+__all__ = ["backup_path", "layer_compression", "write_variants"]
 
 # Colour channels each supported mode stores per layer, and the name color.py uses.
 _MODES: dict[ColorMode, tuple[str, int]] = {
@@ -107,6 +111,10 @@ def write_variants(
     pin_base: int | None = None,
     in_place_backup: bool = True,
     *,
+    record: Mapping[str, Any] | None = None,
+    pin_document: np.ndarray | None = None,
+    insert_at: int | None = None,
+    overlay: np.ndarray | None = None,
     compression: Compression | None = None,
 ) -> Path:
     """Write ``source`` plus a new top group of variant layers to ``destination``.
@@ -116,10 +124,18 @@ def write_variants(
     ``pin`` (H, W) weighs the source's own native pixels back in before quantising, so
     where it is 1 the output equals the source bit for bit. The source is the
     document's composite, or with ``pin_base`` (a record index, as the reader's
-    :class:`~psd_collage.collage.BaseImage` gives it) that earlier variant.
+    :class:`~psd_collage.collage.BaseImage` gives it) that earlier variant, except
+    where ``pin_document`` (H, W) is True: there it is the document's own layers
+    composited without any ``[harmonized]`` group (where a ``[redo]`` layer moved away,
+    a locked layer under it comes back exactly).
     ``destination == source`` means in place: ``NAME.psd.bak`` is kept first (unless
-    ``in_place_backup`` is False) and the file is replaced atomically. ``compression``
-    overrides :func:`layer_compression` (for measurements).
+    ``in_place_backup`` is False, or a ``.bak`` exists already: it keeps the very first
+    original) and the file is replaced atomically, keeping its mode and owner. ``record``
+    (this render's settings) is added to the document's XMP, keyed by ``group_name``
+    (see :mod:`psd_collage.psd.history`). ``insert_at``: how many top-level layers stay
+    below the new group (None: it goes on top); ``overlay`` (H, W, 4) uint8 sRGB is what
+    the layers above it show, laid over the first variant in the flattened image.
+    ``compression`` overrides :func:`layer_compression` (for measurements).
     """
     source = Path(source)
     destination = Path(destination)
@@ -142,6 +158,11 @@ def write_variants(
         pin = None  # nothing pinned: no need to decode the source
     if pin is not None:
         pinned = _pin_source(document, source, n_color, pin_base)
+        if pin_base is not None and pin_document is not None and pin_document.any():
+            pinned = np.array(pinned)  # writable
+            layers_only = _layers_composite(document, n_color)
+            np.copyto(pinned, layers_only, where=pin_document[None])
+            del layers_only
     layers = _layer_info(document)
     merged_alpha = layers.layer_count < 0
     next_id = _next_layer_id(layers)
@@ -164,14 +185,20 @@ def write_variants(
     records.reverse()
     records.insert(0, _group_record(_GROUP_END_NAME, next_id, n_color, end=True))
     records.append(_group_record(group_name, next_id + 1 + len(names), n_color, end=False))
-    for record, channels in records:
-        layers.layer_records.append(record)
-        layers.channel_image_data.append(channels)
+    at = _record_position(layers, insert_at)
+    layers.layer_records[at:at] = [layer_record for layer_record, _ in records]
+    layers.channel_image_data[at:at] = [channels for _, channels in records]
     layers.layer_count = (-1 if merged_alpha else 1) * len(layers.layer_records)
 
     assert merged is not None
+    if overlay is not None:
+        merged = _laid_over(merged, overlay, mode, icc, depth)
     _set_merged_image(document, merged, merged_alpha)
     del merged
+    if record is not None:
+        resources = document.image_resources
+        xmp = add_render(resources.get_data(Resource.XMP_METADATA), {**record, "group": group_name})
+        resources[Resource.XMP_METADATA] = ImageResource(key=Resource.XMP_METADATA, data=xmp)
 
     if in_place and in_place_backup:
         _backup(source)
@@ -292,6 +319,78 @@ def _document_source(document: PSD, n_color: int) -> np.ndarray:
     from psd_tools.composite import composite
 
     color, _, _ = composite(PSDImage(document), color=1.0, alpha=1.0)
+    depth = document.header.depth
+    return _quantise(color.transpose(2, 0, 1)[:n_color] * _FULL_SCALE[depth], depth)
+
+
+def _record_position(layers: LayerInfo, insert_at: int | None) -> int:
+    """The record index for a new top-level block with ``insert_at`` top-level layers below."""
+    records = list(layers.layer_records)
+    if insert_at is None:
+        return len(records)
+    top_level = _top_level_positions(records)  # top first
+    if not 0 < insert_at <= len(top_level):
+        return len(records) if insert_at else 0
+    return top_level[len(top_level) - insert_at] + 1  # right above that top-level layer
+
+
+def _top_level_positions(records: list[LayerRecord]) -> list[int]:
+    """Record indices of the top-level layers, top first.
+
+    Records are stored bottom to top and a group's record comes after its children,
+    closed below them by an end marker.
+    """
+    positions, nesting = [], 0
+    for position in range(len(records) - 1, -1, -1):
+        kind = _divider_kind(records[position])
+        if kind == SectionDivider.BOUNDING_SECTION_DIVIDER:
+            nesting -= 1
+            continue
+        if nesting == 0:
+            positions.append(position)
+        if kind in (SectionDivider.OPEN_FOLDER, SectionDivider.CLOSED_FOLDER):
+            nesting += 1
+    return positions
+
+
+def _laid_over(
+    merged: np.ndarray, overlay: np.ndarray, mode: str, icc: bytes | None, depth: int
+) -> np.ndarray:
+    """``overlay`` (RGBA sRGB uint8) laid over raw planes, normal blend in document space.
+
+    Only the box the overlay covers is converted: type is a small part of a poster.
+    """
+    rows = np.flatnonzero(overlay[..., 3].any(axis=1))
+    cols = np.flatnonzero(overlay[..., 3].any(axis=0))
+    if not len(rows):
+        return merged
+    box = (slice(None), slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    part = overlay[box[1:]]
+    alpha = part[..., 3].astype(np.float32) / 255.0
+    over = _native_planes(part[..., :3].astype(np.float32) / 255.0, mode, icc, depth, None, None)
+    mixed = merged[box].astype(np.float32) * (1.0 - alpha) + over.astype(np.float32) * alpha
+    out = np.array(merged)
+    out[box] = _quantise(mixed, depth)
+    return out
+
+
+def _layers_composite(document: PSD, n_color: int) -> np.ndarray:
+    """The visible layers without ``[harmonized]`` groups, native mode and depth, on white."""
+    from psd_tools import PSDImage
+    from psd_tools.composite import composite
+
+    image = PSDImage(document)
+    outputs = {
+        id(layer)
+        for layer in image
+        if layer.is_group() and layer.name.strip().startswith(HARMONIZED_PREFIX)
+    }
+    color, _, _ = composite(
+        image,
+        color=1.0,
+        alpha=1.0,
+        layer_filter=lambda layer: layer.is_visible() and id(layer) not in outputs,
+    )
     depth = document.header.depth
     return _quantise(color.transpose(2, 0, 1)[:n_color] * _FULL_SCALE[depth], depth)
 
@@ -579,9 +678,18 @@ def _set_merged_image(document: PSD, planes: np.ndarray, merged_alpha: bool) -> 
     image.set_data(data, header)
 
 
+def backup_path(source: Path) -> Path:
+    return source.with_name(source.name + ".bak")
+
+
 def _backup(source: Path) -> Path:
-    """Copy the original to ``NAME.psd.bak`` (atomically) before replacing it in place."""
-    backup = source.with_name(source.name + ".bak")
-    with open(source, "rb") as original, atomic_open(backup) as copy:
+    """Copy the original to ``NAME.psd.bak`` (atomically) before replacing it in place.
+
+    An existing backup is kept: it holds the very first original, before any run.
+    """
+    backup = backup_path(source)
+    if backup.exists() or backup.is_symlink():
+        return backup
+    with open(source, "rb") as original, atomic_open(backup, like=source) as copy:
         shutil.copyfileobj(original, copy, 1 << 20)
     return backup

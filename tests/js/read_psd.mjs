@@ -1,5 +1,5 @@
 // Reads a PSD/PSB with ag-psd (independent of psd-tools) and prints JSON:
-// document header, the layer tree (names, visibility, bounds) and, for small
+// document header, the XMP packet, the layer tree (names, visibility, bounds) and, for small
 // documents, each layer's and the composite's RGBA pixels as base64.
 // Usage: node read_psd.mjs FILE.psd
 import { readFileSync } from "node:fs";
@@ -43,6 +43,7 @@ console.log(
     colorMode: psd.colorMode,
     channels: psd.channels,
     composite: pixels(psd.imageData),
+    xmp: psd.imageResources?.xmpMetadata ?? null,
     children: (psd.children ?? []).map(layer),
   }),
 );

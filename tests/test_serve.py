@@ -113,7 +113,10 @@ def test_events_push_queued_running_with_moving_progress_then_done(server) -> No
     assert states[0] == "queued" and states[-1] == "done", states
     assert states.index("running") < len(states) - 1
     steps = [s["progress"]["done"] for s in seen if s.get("phase") == "sample"]
-    assert len(set(steps)) >= 2 and steps == sorted(steps), seen  # the bar moves forward
+    # How many sampling steps an event shows depends on the machine's speed (status.json is
+    # written at most every 0.5 s); that the bar moves step by step is checked in a browser,
+    # with the job held between steps (test_status_page.py).
+    assert steps and steps == sorted(steps), seen
 
 
 def test_a_queued_job_is_cancelled_and_a_failed_one_retried(server) -> None:

@@ -115,10 +115,13 @@ class StatusBoard:
     def job_progress(self, phase: str, done: int, total: int) -> None:
         if self.running is None:
             return
+        # A new phase and a phase's last step are always written: the throttle must not
+        # hide a short phase, nor leave a job held mid-step showing the phase before it.
+        milestone = self.running.get("phase") != phase or done >= total
         self.running.update(
             phase=phase, done=done, total=total, elapsed=round(time.time() - self._run_start(), 2)
         )
-        self.write()
+        self.write(force=milestone)
 
     def job_finished(self, entry: dict[str, Any]) -> None:
         self.running = None

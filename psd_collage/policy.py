@@ -16,6 +16,7 @@ so the single-process watcher and every farm worker apply the same rules.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from .errors import CollageError, SettingsError
 from .settings import (
     POLICY_SETTINGS,
     SETTINGS,
+    LoraSpec,
     PolicyLimits,
     read_toml,
     relative_paths,
@@ -85,12 +87,16 @@ class Policy(PolicyLimits):
             value = getattr(settings, key)
             if limit is not None and value is not None and value > limit:
                 raise _over(path, f"{key}={value}", f"max_{key}={limit}", "lower it in the sidecar")
-        if self.models is not None and settings.model not in self.models:
-            raise PolicyError(
-                f"model {settings.model!r} is not on the models allow-list "
-                f"({', '.join(self.models) or 'empty'}; {WHERE}): use one of those",
-                path=path,
-            )
+        if self.models is None:
+            return
+        allowed = {os.path.realpath(name) for name in self.models}
+        for kind, name in _weights(settings):
+            if name not in self.models and os.path.realpath(name) not in allowed:
+                raise PolicyError(
+                    f"{kind} {name!r} is not on the models allow-list "
+                    f"({', '.join(self.models) or 'empty'}; {WHERE}): use one of those",
+                    path=path,
+                )
 
     def check_canvas(
         self, size: tuple[int, int], max_pixels: int, *, path: str | Path | None = None
@@ -159,6 +165,16 @@ def folder_policy(config_file: str | Path, options: Mapping[str, Any] | None = N
     policy = Policy.from_mapping(table, where=f"{config_file} [policy]")
     limits = {k: v for k, v in (options or {}).items() if k != "max_pixels"}
     return policy.tightened(limits, where="command line")
+
+
+def _weights(settings: Any) -> list[tuple[str, str]]:
+    """Every weight file a render loads, for the allow-list: a sidecar's LoRA path or
+    ControlNet would otherwise load whatever the worker's disk holds."""
+    found = [("model", settings.model)]
+    if settings.controlnet:
+        found.append(("ControlNet", settings.controlnet))
+    found += [("LoRA", LoraSpec.parse(text).path) for text in settings.lora]
+    return found
 
 
 def _over(path: str | Path | None, what: str, limit: str, hint: str) -> PolicyError:

@@ -472,7 +472,7 @@ class PolicyLimits:
     )
     models: tuple[str, ...] | None = setting(
         None,
-        "Only these models (repeat the option; a list in [policy]).",
+        "Only these models, ControlNets and LoRA files (repeat the option; a list in [policy]).",
         multiple=True,
         unit="MODEL",
         default_text="any",

@@ -114,6 +114,18 @@ def test_zero_strength_returns_the_input_untouched():
     assert all(np.array_equal(img, image) for img in result.images)
 
 
+def test_noise_too_low_for_the_step_count_comes_back_unchanged_with_a_warning():
+    engine = tiny_engine("tiny")
+    image = random_image(64, 128)
+    low = np.full((64, 128), 0.3, np.float32)
+    result = engine.generate(GenerationRequest(image, low, "x", seeds=[1], steps=2))
+    assert np.array_equal(result.images[0], image)
+    assert any("at least 4 steps" in warning for warning in result.warnings), result.warnings
+    enough = engine.generate(GenerationRequest(image, low, "x", seeds=[1], steps=4))
+    assert not np.array_equal(enough.images[0], image)
+    assert not any("steps" in warning for warning in enough.warnings)
+
+
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_every_scheduler_runs_and_keeps_zero_strength_exact(scheduler):
     engine = tiny_engine("tiny", scheduler)

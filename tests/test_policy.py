@@ -69,6 +69,17 @@ def test_the_models_allow_list_applies_to_sidecars_and_defaults(tmp_path: Path) 
         settings_with(tmp_path, "", policy)  # the built-in default model is not on it
 
 
+def test_the_models_allow_list_covers_a_sidecars_lora_and_controlnet(tmp_path: Path) -> None:
+    lora = tmp_path / "style.safetensors"
+    policy = Policy(models=("tiny", str(lora)))
+    settings = settings_with(tmp_path, 'lora = ["style.safetensors:0.5"]\n', policy, model="tiny")
+    assert settings.lora  # listed (as a path the sidecar resolves to): allowed
+    with pytest.raises(PolicyError, match="LoRA '.*other.safetensors' is not on the models"):
+        settings_with(tmp_path, 'lora = ["other.safetensors"]\n', policy, model="tiny")
+    with pytest.raises(PolicyError, match="ControlNet 'tiny-cn' is not on the models"):
+        settings_with(tmp_path, 'controlnet = "tiny-cn"\n', policy, model="tiny")
+
+
 def test_collage_toml_policy_and_options_the_tighter_wins(tmp_path: Path) -> None:
     config = tmp_path / "collage.toml"
     config.write_text(

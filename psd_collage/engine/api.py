@@ -41,6 +41,7 @@ from .sampler import (
     sdxl_time_ids,
     steps_to_run,
     strength_to_latents,
+    too_few_steps,
 )
 from .tokens import (
     PromptEmbeddings,
@@ -278,6 +279,8 @@ class Engine:
         probe = make_scheduler(self.scheduler_name, components.scheduler.config)
         steps_run = steps_to_run(probe, request.steps, max_strength)
         if steps_run <= 0:  # nothing may change: hand back the input itself
+            if max_strength > 0:
+                warnings.append(too_few_steps(request.steps, max_strength))
             image = np.clip(request.image.astype(np.float32), 0.0, 1.0)
             result = GenerationResult([image.copy() for _ in seeds], prompt, warnings, timings)
             return result, original.expand(len(seeds), -1, -1, -1).clone(), original

@@ -83,6 +83,17 @@ def steps_to_run(scheduler: SchedulerMixin, steps: int, max_strength: float) -> 
     return max(0, len(scheduler.timesteps) - start)
 
 
+def too_few_steps(steps: int, max_strength: float) -> str:
+    """The warning for a request whose noise is too low to reach one sampling step: a
+    user who asked for change (noise 0.3 at 2 steps) would otherwise get the input back
+    without a word."""
+    needed = math.ceil(1.0 / max_strength - 1e-4)
+    return (
+        f"the highest noise ({max_strength:.2f}) at {steps} steps runs no sampling step, so "
+        f"the picture comes back unchanged: use at least {needed} steps or more noise"
+    )
+
+
 #: Where the steering's f(sigma) is evaluated. "sigma": at the step's true sigma (ours);
 #: "authors": at ``sigmas[k]`` with k counted from 0 in the shortened img2img loop, as the
 #: authors' code does (stronger steering once the maximum noise is below 1).

@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	mkdir -p out
 	$(PY) -m psd_collage.shapes.demo out/shapes.psd
-	$(VENV)/bin/psd-collage render out/shapes.psd --model shapes --variants 2 --seed 1 --steps 30 -o out/shapes.harmonized.psd --preview
-	@echo "open out/shapes.harmonized.psd in Photoshop (or see out/shapes.harmonized.preview.png)"
+	$(VENV)/bin/psd-collage render out/shapes.psd --model shapes --variants 2 --seed 1 --steps 30 -o out/shapes.harmonized.psd --preview --overwrite
+	$(PY) -m psd_collage.shapes.demo --figure out/shapes-side-by-side.png out/shapes.psd out/shapes.harmonized.psd
+	@echo "open out/shapes.harmonized.psd in Photoshop (or see out/shapes-side-by-side.png: input, the variants, the true night colours)"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

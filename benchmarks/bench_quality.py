@@ -8,12 +8,15 @@ colour, 0 = unchanged)? Methods on the same collages and seeds:
 
 - ``collage n=X``: our collage diffusion, objects at noise X, backdrop at 0.3, steering;
 - ``img2img s=X``: one global strength X, no steering;
-- ``text-to-image``: strength 1, the scene prompt only.
+- ``text-to-image``: strength 1, the scene prompt only;
+- references: ``as pasted`` (no model: harmonization 0) and ``VAE round trip`` (the
+  collage through the model's autoencoder alone: the most any method can keep).
 
 Spatial steering: grey placeholder discs at noise 1 captioned e.g. ``a red circle`` and
 ``a blue square``; the rate of regions whose colour is their caption's, with the
 automatic weights and with ``inside=0, outside=0``. Lock: a locked backdrop rendered end
-to end through a PSD comes back identical.
+to end through a PSD comes back identical. Drawing: does text to image alone show
+each caption's colour?
 
     python benchmarks/bench_quality.py [--collages 100] [--steps 20] [--figure F.png]
     python benchmarks/bench_quality.py --calibrate   # the engine's calibration questions
@@ -36,12 +39,24 @@ import torch
 
 from psd_collage.collage import to_u8
 from psd_collage.engine import GenerationRequest, load_engine
+from psd_collage.engine.sampler import decode_latents, encode_image
 from psd_collage.psd.reader import read_collage
 from psd_collage.render import Renderer, plan_render
 from psd_collage.settings import Settings
 from psd_collage.shapes import metrics
 from psd_collage.shapes.psd import read_variant, write_scene_psd
-from psd_collage.shapes.world import LIGHTS, Scene, Shape, draw, random_scenes
+from psd_collage.shapes.world import (
+    BACKDROPS,
+    COLOURS,
+    LIGHTS,
+    SHAPES,
+    Scene,
+    disc,
+    draw,
+    placeholder_scenes,
+    random_scenes,
+    scene_prompt,
+)
 
 BENCH_SEED = 20_261_126  # held out: training scenes come from other seeds
 BACKDROP_NOISE = 0.3
@@ -127,19 +142,22 @@ class Runner:
         size = self.engine.working_size(collage.document.size)
         return plan_render(collage, self.settings, size, **plan_options)
 
-    def collage(self, path: Path, *, weights: tuple[float, float] | None = None, **options: Any):
-        """Our method from the PSD; ``weights`` overrides every phrase's (inside, outside)."""
+    def collage(self, path: Path, **options: Any):
+        """Our method from the PSD, its layers' tags as written."""
         plan_options = {k: options.pop(k) for k in list(options) if k == "size_measure"}
         plan = self.plan(path, **plan_options)
-        if weights is not None:
-            for phrase in plan.phrases:
-                phrase.inside, phrase.outside = weights
         return self.generate(plan.image, plan.strength, plan.prompt, plan.phrases, **options)
 
     def img2img(self, path: Path, strength: float):
         plan = self.plan(path)
         uniform = np.full(plan.strength.shape, strength, np.float32)
         return self.generate(plan.image, uniform, plan.prompt, [])
+
+    def round_trip(self, path: Path) -> np.ndarray:
+        """The pasted collage through the model's autoencoder only: what any method can
+        keep at best."""
+        vae = self.engine.components.vae
+        return decode_latents(vae, encode_image(vae, self.plan(path).image, self.engine.device))[0]
 
     def generate(self, image, strength, prompt, phrases, **options: Any) -> np.ndarray:
         request = GenerationRequest(
@@ -176,23 +194,8 @@ def evaluate(
 
 def blob_cases(n: int, folder: Path, *, radius: tuple[float, float] = (14, 24)) -> list[Case]:
     """Two grey discs per collage, captioned with two different colours."""
-    rng = np.random.default_rng(BENCH_SEED + 1)
-    from psd_collage.shapes.world import COLOURS, SHAPES
-
-    cases = []
-    for i, base in enumerate(random_scenes(n, seed=BENCH_SEED + 1)):
-        colours = rng.choice(list(COLOURS), 2, replace=False)
-        r = rng.uniform(*radius, 2)
-        # left and right halves, so the discs never overlap
-        xs = [rng.uniform(r[0] + 2, 64 - r[0]), rng.uniform(64 + r[1], 126 - r[1])]
-        ys = [rng.uniform(rk + 2, 126 - rk) for rk in r]
-        objects = tuple(
-            Shape(str(rng.choice(SHAPES)), str(c), float(x), float(y), float(rk))
-            for c, x, y, rk in zip(colours, xs, ys, r, strict=True)
-        )
-        scene = Scene(base.backdrop, base.light, base.horizon, objects, base.texture_seed)
-        cases.append(Case(scene, base.light, folder / f"blobs{i:03d}.psd"))
-    return cases
+    scenes = placeholder_scenes(n, BENCH_SEED + 1, radius=radius)
+    return [Case(s, s.light, folder / f"blobs{i:03d}.psd") for i, s in enumerate(scenes)]
 
 
 def steering_rate(
@@ -200,17 +203,19 @@ def steering_rate(
     cases: list[Case],
     *,
     noise: float = 1.0,
+    steer: bool = True,
     min_area: float | None = None,
     **options: Any,
 ) -> float:
-    """Share of placeholder regions that show their caption's colour."""
+    """Share of placeholder regions that show their caption's colour; ``steer=False``
+    tags every placeholder ``inside=0, outside=0``."""
     hits = []
     for case in cases:
         path = write_scene_psd(
             case.path,
             case.scene,
             placeholders=True,
-            object_tags=f"[noise={noise}]",
+            object_tags=f"[noise={noise}]" if steer else f"[noise={noise}, inside=0, outside=0]",
             backdrop_tags=f"[noise={BACKDROP_NOISE}]",
         )
         if min_area is not None:
@@ -221,14 +226,9 @@ def steering_rate(
         else:
             output = runner.collage(path, **options)
         for shape in case.scene.objects:
-            region = metrics.core(_disc(shape))
+            region = metrics.core(disc(shape))
             hits.append(float(metrics.region_colour(output, region) == shape.colour))
     return float(np.mean(hits))
-
-
-def _disc(shape: Shape) -> np.ndarray:
-    yy, xx = np.mgrid[0:128, 0:128].astype(np.float32) + 0.5
-    return ((xx - shape.cx) ** 2 + (yy - shape.cy) ** 2 <= shape.r**2).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -254,11 +254,44 @@ def lock_rate(model: str, cases: list[Case], steps: int, seed: int, folder: Path
 
 
 # ---------------------------------------------------------------------------
+# Drawing from text alone
+# ---------------------------------------------------------------------------
+
+#: A picture "shows" its caption when this share of its pixels is the caption's colour
+#: (164 px of 128 x 128: the smallest object the world draws covers about 1.3 %).
+DRAWN_SHARE = 0.01
+
+
+def drawing_rate(runner: Runner) -> dict[str, float]:
+    """Text to image for every colour x shape x backdrop in daylight, one seed each: the
+    share of pictures with at least :data:`DRAWN_SHARE` of their pixels in the caption's
+    colour (each pixel classified as for hue agreement). White on snow is left out: the
+    two colours are too close to tell apart."""
+    size = (128, 128)
+    blank, everywhere = np.zeros((*size, 3), np.float32), np.ones(size, np.float32)
+    shares = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for backdrop, (ground, _) in BACKDROPS.items():
+                if np.linalg.norm(np.subtract(COLOURS[colour], ground)) < 0.15:
+                    continue
+                prompt = scene_prompt([f"a {colour} {shape}"], backdrop, "day")
+                image = runner.generate(blank, everywhere, prompt, [])
+                index = metrics.CLASSES.index(colour)
+                shares.append(float((metrics.classify(image) == index).mean()))
+    return {
+        "prompts": len(shares),
+        "rate": float(np.mean([share >= DRAWN_SHARE for share in shares])),
+        "median_share": float(np.median(shares)),
+    }
+
+
+# ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
 
-OURS = (0.4, 0.6, 0.8)
-STRENGTHS = (0.3, 0.5, 0.7, 0.9)
+OURS = (0.2, 0.4, 0.6, 0.8)
+STRENGTHS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 
 
 def quality(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[str, Any]:
@@ -267,9 +300,12 @@ def quality(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[str,
     cases = make_cases(args.collages, folder)
     if _wanted(args, "table"):
         rows: dict[str, dict[str, float]] = {}
+        # The collage as pasted (no model), and through the autoencoder alone: ceilings.
         methods: list[tuple[str, float, Callable[[Path], np.ndarray]]] = [
-            (f"collage n={noise}", noise, runner.collage) for noise in OURS
+            ("as pasted", 0.6, lambda p: runner.plan(p).image),
+            ("VAE round trip", 0.6, runner.round_trip),
         ]
+        methods += [(f"collage n={noise}", noise, runner.collage) for noise in OURS]
         methods += [(f"img2img s={s}", 0.6, lambda p, s=s: runner.img2img(p, s)) for s in STRENGTHS]
         methods.append(("text-to-image", 0.6, lambda p: runner.img2img(p, 1.0)))
         for name, noise, run in methods:
@@ -280,7 +316,7 @@ def quality(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[str,
         blobs = blob_cases(args.collages, folder)
         steer = out["steering"] = {
             "steered": steering_rate(runner, blobs),
-            "unsteered": steering_rate(runner, blobs, weights=(0.0, 0.0)),
+            "unsteered": steering_rate(runner, blobs, steer=False),
         }
         print(
             f"steering: right-region rate {steer['steered']:.3f} steered vs "
@@ -291,6 +327,12 @@ def quality(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[str,
             args.model, cases[: args.lock], args.steps, args.seed, folder
         )
         print(f"lock: {lock:.3f} of {args.lock} collages with an identical locked backdrop")
+    if _wanted(args, "drawing"):
+        drawn = out["drawing"] = drawing_rate(runner)
+        print(
+            f"drawing: {drawn['rate']:.3f} of {drawn['prompts']} text-to-image pictures "
+            f"show their caption's colour (median share {drawn['median_share']:.3f})"
+        )
     return out
 
 
@@ -307,32 +349,42 @@ def _print_row(name: str, row: dict[str, float]) -> None:
 
 
 def figure(results: dict[str, Any], path: Path) -> None:
-    """Fidelity (IoU x hue) against harmonization per method, like the paper's figure."""
+    """Fidelity (IoU, hue) against harmonization per method, like the paper's figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=90)
-    groups = {"collage": "C0", "img2img": "C1", "text-to-image": "C2"}
-    for prefix, colour in groups.items():
-        names = [n for n in results["rows"] if n.startswith(prefix)]
-        xs = [results["rows"][n]["harmonization"] for n in names]
-        ys = [results["rows"][n]["iou"] for n in names]
-        label = {"collage": "collage diffusion (ours)", "img2img": "img2img, one strength"}
-        ax.plot(xs, ys, "o-", color=colour, label=label.get(prefix, prefix))
-        for n, x, y in zip(names, xs, ys, strict=True):
-            ax.annotate(
-                n.split(" ", 1)[-1] if " " in n else "",
-                (x, y),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-    ax.set_xlabel("harmonization (1 = the scene light's true colour)")
-    ax.set_ylabel("layer fidelity (IoU of the caption's colour)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=90)
+    groups = {
+        "collage": ("C0", "collage diffusion (ours), objects at noise n"),
+        "img2img": ("C1", "img2img, one strength s"),
+        "text-to-image": ("C2", "text-to-image"),
+        "as pasted": ("0.5", "as pasted (no model)"),
+        "VAE round trip": ("k", "the model's autoencoder alone"),
+    }
+    rows = results["rows"]
+    for ax, metric, label in zip(
+        axes, ("iou", "hue"), ("IoU of the caption's colour", "hue agreement"), strict=True
+    ):
+        for prefix, (colour, legend) in groups.items():
+            names = [n for n in rows if n.startswith(prefix)]
+            xs = [rows[n]["harmonization"] for n in names]
+            ys = [rows[n][metric] for n in names]
+            ax.plot(xs, ys, "o-", color=colour, label=legend)
+            for n, x, y in zip(names, xs, ys, strict=True):
+                if "=" in n:
+                    ax.annotate(
+                        n.split(" ", 1)[1],
+                        (x, y),
+                        fontsize=7,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
+        ax.set_xlabel("harmonization (1 = the scene light's true colour)")
+        ax.set_ylabel(f"layer fidelity: {label}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -354,7 +406,7 @@ def main() -> None:
         "--only",
         nargs="*",
         default=[],
-        help="parts to run: table steering lock; with --calibrate: size schedule dilation "
+        help="parts to run: table steering lock drawing; with --calibrate: size schedule dilation "
         "min_area ti",
     )
     args = parser.parse_args()

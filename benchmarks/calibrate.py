@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 from bench_quality import (
     Runner,
-    _disc,
     _wanted,
     blob_cases,
     evaluate,
@@ -29,7 +28,7 @@ from bench_quality import (
 from psd_collage.render import Renderer
 from psd_collage.shapes import metrics
 from psd_collage.shapes.psd import read_variant, write_scene_psd
-from psd_collage.shapes.world import COLOURS
+from psd_collage.shapes.world import COLOURS, disc
 
 
 def _quality(runner: Runner, cases, noise: float, **options: Any) -> dict[str, float]:
@@ -65,7 +64,7 @@ def calibrate(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[st
         for min_area in (0.01, 0.0):
             q[str(min_area)] = steering_rate(runner, small, min_area=min_area)
             _show("min area", f"{min_area:.0%} (small blobs)", q[str(min_area)])
-        q["unsteered"] = steering_rate(runner, small, weights=(0.0, 0.0))
+        q["unsteered"] = steering_rate(runner, small, steer=False)
         _show("min area", "inside=0, outside=0", q["unsteered"])
     if _wanted(args, "ti"):
         out["ti"] = textual_inversion(args, folder)
@@ -123,13 +122,13 @@ def textual_inversion(args: argparse.Namespace, folder: Path) -> dict[str, float
                 backdrop_tags="[noise=0.3]",
                 two_tone=second,
             )
-            out = folder / (path.stem + ".ti.psd")
+            out = folder / (path.stem + (".ti.psd" if flag else ".plain.psd"))
             renderer.render_file(path, out)
             image = read_variant(out)
             shape = scene.objects[-1]  # the front object: fully visible
-            disc = metrics.core(_disc(shape))
+            region = metrics.core(disc(shape))
             rows = np.arange(128)[:, None] + 0.5
-            upper, lower = disc & (rows < shape.cy - 2), disc & (rows > shape.cy + 2)
+            upper, lower = region & (rows < shape.cy - 2), region & (rows > shape.cy + 2)
             for half, colour in ((upper, shape.colour), (lower, second)):
                 if half.sum() >= 9:
                     hits.append(float(metrics.region_colour(image, half) == colour))

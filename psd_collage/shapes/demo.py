@@ -1,7 +1,10 @@
 """``make demo``: a shapes collage (objects cut from a daylight scene pasted onto a night
 scene) written as a PSD, ready for ``psd-collage render --model shapes``.
 
-``python -m psd_collage.shapes.demo out/shapes.psd``
+``python -m psd_collage.shapes.demo out/shapes.psd`` writes the collage;
+``python -m psd_collage.shapes.demo --figure docs/shapes-demo.png out/shapes.psd
+out/shapes.harmonized.psd`` puts the input, the rendered variants and the world's true
+answer side by side (the README's picture).
 """
 
 from __future__ import annotations
@@ -9,8 +12,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .psd import write_scene_psd
-from .world import Scene, Shape
+import numpy as np
+from PIL import Image
+
+from .psd import read_variant, write_scene_psd
+from .world import Scene, Shape, draw
 
 #: The demo's layout: three objects on grass, the backdrop at night.
 DEMO_SCENE = Scene(
@@ -36,7 +42,35 @@ def write_demo(path: str | Path) -> Path:
     )
 
 
+def side_by_side(
+    source: Path, rendered: Path, out: Path, *, truth: np.ndarray | None = None, scale: int = 3
+) -> Path:
+    """The input's composite, every variant of ``rendered``'s newest output group, then
+    ``truth`` if given; each enlarged ``scale`` times (nearest neighbour)."""
+    from psd_tools import PSDImage
+
+    panels = [np.asarray(PSDImage.open(source).composite().convert("RGB"), np.float32) / 255]
+    while True:
+        try:
+            panels.append(read_variant(rendered, len(panels) - 1))
+        except IndexError:
+            break
+    if truth is not None:
+        panels.append(truth)
+    height, width = panels[0].shape[:2]
+    gap = np.ones((height, 4, 3), np.float32)
+    row = np.concatenate([part for panel in panels for part in (panel, gap)][:-1], axis=1)
+    image = Image.fromarray(np.round(row * 255).astype(np.uint8))
+    image.resize((image.width * scale, height * scale), Image.NEAREST).save(out)
+    return out
+
+
 if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "out/shapes.psd")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    print(write_demo(out))
+    if sys.argv[1:2] == ["--figure"]:
+        # Last, the world's answer: the same objects drawn under the scene's own light.
+        truth = draw([DEMO_SCENE]).images[0]
+        print(side_by_side(Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[2]), truth=truth))
+    else:
+        out = Path(sys.argv[1] if len(sys.argv) > 1 else "out/shapes.psd")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(write_demo(out))

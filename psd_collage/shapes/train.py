@@ -350,18 +350,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default="train_work", help="checkpoints, cache and loss log")
     parser.add_argument("--out", default=str(WEIGHTS_DIR), help="the diffusers folder to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=500)
+    parser.add_argument("--vae-steps", type=int, default=5000)
     parser.add_argument("--vae-crop", type=int, default=64)
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--scenes", type=int, default=4096)
-    parser.add_argument("--unet-steps", type=int, default=1200)
+    parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--save-every", type=int, default=50)
-    # One thread: on a shared 2-core machine two threads ran 8x slower (spin waits).
-    parser.add_argument("--threads", type=int, default=1)
+    # Two threads on an idle 2-core machine; with other jobs on the cores use one (two
+    # threads then ran 5-8x slower: torch's workers spin waiting for each other).
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--probe", action="store_true", help="time a few steps and exit")
     parser.add_argument(
         "--stop-at",

@@ -151,6 +151,36 @@ def random_scenes(
 COLOURS_LIST = list(COLOURS)
 
 
+def placeholder_scenes(
+    n: int, seed: int, *, radius: tuple[float, float] = (14.0, 24.0)
+) -> list[Scene]:
+    """``n`` scenes of two objects of different colours, one in each half of the canvas.
+
+    Drawn as grey placeholder discs named by their captions (``write_scene_psd(...,
+    placeholders=True)``), they ask whether the model puts each caption in its own region.
+    """
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for base in random_scenes(n, seed=seed):
+        colours = rng.choice(COLOURS_LIST, 2, replace=False)
+        r = rng.uniform(*radius, 2)
+        xs = [rng.uniform(r[0] + 2, SIZE / 2 - r[0]), rng.uniform(SIZE / 2 + r[1], SIZE - 2 - r[1])]
+        ys = [rng.uniform(rk + 2, SIZE - 2 - rk) for rk in r]
+        objects = tuple(
+            Shape(str(rng.choice(SHAPES)), str(c), float(x), float(y), float(rk))
+            for c, x, y, rk in zip(colours, xs, ys, r, strict=True)
+        )
+        scenes.append(replace(base, objects=objects))
+    return scenes
+
+
+def disc(shape: Shape, size: int = SIZE) -> np.ndarray:
+    """The (size, size) boolean disc of ``shape``'s centre and half-size: a placeholder."""
+    scale = size / SIZE
+    yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / np.float32(scale)
+    return (xx - shape.cx) ** 2 + (yy - shape.cy) ** 2 <= shape.r**2
+
+
 def _coverage(shape: str, x: np.ndarray, y: np.ndarray, s: Shape) -> np.ndarray:
     """Anti-aliased coverage from a signed distance (pixels), vectorised over the grid."""
     dx, dy = x - s.cx, y - s.cy

@@ -44,7 +44,7 @@ from psd_collage.psd.reader import read_collage
 from psd_collage.render import Renderer, plan_render
 from psd_collage.settings import Settings
 from psd_collage.shapes import metrics
-from psd_collage.shapes.psd import read_variant, write_scene_psd
+from psd_collage.shapes.psd import read_variants, write_scene_psd
 from psd_collage.shapes.world import (
     BACKDROPS,
     COLOURS,
@@ -244,7 +244,7 @@ def lock_rate(model: str, cases: list[Case], steps: int, seed: int, folder: Path
         path = write_case(case, 0.6, backdrop="[lock]")
         out = folder / (path.stem + ".out.psd")
         renderer.render_file(path, out)
-        result = read_variant(out)
+        result = read_variants(out)[0]
         drawn = draw([case.scene])
         locked = drawn.alphas[0].max(0) == 0  # noise 0: no object over it at all
         a = np.round(result[locked] * 255).astype(np.uint8)
@@ -271,13 +271,13 @@ def drawing_rate(runner: Runner) -> dict[str, float]:
     blank, everywhere = np.zeros((*size, 3), np.float32), np.ones(size, np.float32)
     shares = []
     for colour in COLOURS:
+        index = metrics.CLASSES.index(colour)
         for shape in SHAPES:
             for backdrop, (ground, _) in BACKDROPS.items():
                 if np.linalg.norm(np.subtract(COLOURS[colour], ground)) < 0.15:
                     continue
                 prompt = scene_prompt([f"a {colour} {shape}"], backdrop, "day")
                 image = runner.generate(blank, everywhere, prompt, [])
-                index = metrics.CLASSES.index(colour)
                 shares.append(float((metrics.classify(image) == index).mean()))
     return {
         "prompts": len(shares),

@@ -27,7 +27,7 @@ from bench_quality import (
 
 from psd_collage.render import Renderer
 from psd_collage.shapes import metrics
-from psd_collage.shapes.psd import read_variant, write_scene_psd
+from psd_collage.shapes.psd import read_variants, write_scene_psd
 from psd_collage.shapes.world import COLOURS, disc
 
 
@@ -109,6 +109,7 @@ def textual_inversion(args: argparse.Namespace, folder: Path) -> dict[str, float
             "steps": args.steps,
             "seed": args.seed,
             "ti_steps": args.ti_steps,
+            "variants": 1,  # only the first is scored
         }
     )
     for flag in ("", ", ti"):
@@ -124,7 +125,7 @@ def textual_inversion(args: argparse.Namespace, folder: Path) -> dict[str, float
             )
             out = folder / (path.stem + (".ti.psd" if flag else ".plain.psd"))
             renderer.render_file(path, out)
-            image = read_variant(out)
+            image = read_variants(out)[0]
             shape = scene.objects[-1]  # the front object: fully visible
             region = metrics.core(disc(shape))
             rows = np.arange(128)[:, None] + 0.5

@@ -87,6 +87,21 @@ def test_locked_layer_is_identical_and_the_rest_changes(renderer, collage_psd):
     assert np.abs(variant[ball].astype(int) - src[ball]).mean() > 10  # noise 0.9: repainted
 
 
+def test_variants_read_back_in_one_go_match_reading_each_by_name(renderer, collage_psd, tmp_path):
+    from psd_collage.psd.variants import read_variant, read_variants
+
+    result = renderer.render_file(collage_psd, tmp_path / "out.psd")
+    every = read_variants(result.output)
+    assert len(every) == 2 and every[0].shape == (128, 192, 3)
+    for pixels, name in zip(every, ("seed 7", "seed 8"), strict=True):
+        np.testing.assert_array_equal(pixels, read_variant(result.output, name))
+    car = (slice(64, 104), slice(16, 64))  # locked: the source's pixels in every variant
+    source = np.asarray(PSDImage.open(collage_psd).composite().convert("RGB"))
+    np.testing.assert_array_equal(every[1][car], source[car])
+    with pytest.raises(CollageError, match="no \\[harmonized\\] group"):
+        read_variants(collage_psd)
+
+
 def test_same_seed_same_pixels_different_seeds_differ(renderer, collage_psd, tmp_path):
     first = renderer.render_file(collage_psd, tmp_path / "a.psd")
     second = renderer.render_file(collage_psd, tmp_path / "b.psd")

@@ -23,24 +23,50 @@ def read_variant(path: str | Path, layer_name: str) -> np.ndarray:
 
     Returns (H, W, 3) uint8 sRGB at document size, the layer over white.
     """
-    path = Path(path)
-    try:
-        psd = PSDImage.open(path)
-    except (OSError, ValueError) as exc:
-        raise CollageError(f"cannot read the result: {exc}", path=path) from None
-    mode = psd.color_mode.name
-    icc = psd.image_resources.get_data(1039) or None  # Resource.ICC_PROFILE
-    for group in reversed(list(psd)):  # top-most first
-        if not (group.is_group() and group.name.startswith(GROUP_PREFIX)):
-            continue
+    path, psd = _open(path)
+    for group in _groups(psd):
         for layer in group:
-            if layer.name == layer_name and layer.kind == "pixel" and layer.has_pixels():
-                return _on_canvas(layer, psd.size, mode, icc)
+            if layer.name == layer_name and _is_variant(layer):
+                return _on_canvas(psd, layer)
     raise CollageError(f"no variant {layer_name!r} in a [harmonized] group", path=path)
 
 
-def _on_canvas(layer, size: tuple[int, int], mode: str, icc: bytes | None) -> np.ndarray:  # noqa: ANN001
-    width, height = size
+def read_variants(path: str | Path) -> list[np.ndarray]:
+    """Every variant of the top-most ``[harmonized]`` group, first seed first (the
+    writer puts it at the top of the group), each as :func:`read_variant` returns it;
+    one read of the file."""
+    path, psd = _open(path)
+    groups = _groups(psd)
+    if not groups:
+        raise CollageError("no [harmonized] group", path=path)
+    return [_on_canvas(psd, layer) for layer in reversed(list(groups[0])) if _is_variant(layer)]
+
+
+def _open(path: str | Path) -> tuple[Path, PSDImage]:
+    path = Path(path)
+    try:
+        return path, PSDImage.open(path)
+    except (OSError, ValueError) as exc:
+        raise CollageError(f"cannot read the result: {exc}", path=path) from None
+
+
+def _groups(psd: PSDImage) -> list:
+    """The ``[harmonized]`` groups, top-most first."""
+    return [
+        group
+        for group in reversed(list(psd))
+        if group.is_group() and group.name.startswith(GROUP_PREFIX)
+    ]
+
+
+def _is_variant(layer) -> bool:  # noqa: ANN001
+    return layer.kind == "pixel" and layer.has_pixels()
+
+
+def _on_canvas(psd: PSDImage, layer) -> np.ndarray:  # noqa: ANN001
+    mode = psd.color_mode.name
+    icc = psd.image_resources.get_data(1039) or None  # Resource.ICC_PROFILE
+    width, height = psd.size
     canvas = np.full((height, width, 3), 255, np.uint8)
     color = layer.numpy("color")
     shape = layer.numpy("shape")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .psd import read_variant, write_scene_psd
+from .psd import read_variants, write_scene_psd
 from .world import Scene, Shape, draw
 
 #: The demo's layout: three objects on grass, the backdrop at night.
@@ -50,11 +50,7 @@ def side_by_side(
     from psd_tools import PSDImage
 
     panels = [np.asarray(PSDImage.open(source).composite().convert("RGB"), np.float32) / 255]
-    while True:
-        try:
-            panels.append(read_variant(rendered, len(panels) - 1))
-        except IndexError:
-            break
+    panels += read_variants(rendered)
     if truth is not None:
         panels.append(truth)
     height, width = panels[0].shape[:2]

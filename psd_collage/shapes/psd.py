@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..collage import to_u8
+from ..psd import variants
 from ..psd.builder import Pixels, build_psd
 from .world import COLOURS, SIZE, Scene, Shape, apply_light, draw, layer_rgba
 
@@ -87,18 +88,7 @@ def _rgba(values: np.ndarray) -> np.ndarray:
     return to_u8(values)
 
 
-def read_variant(path: str | Path, index: int = 0) -> np.ndarray:
-    """Variant ``index`` of the newest ``[harmonized]`` group of a rendered PSD, (h, w, 3)
-    float32 in [0, 1] on the document canvas."""
-    from psd_tools import PSDImage
-
-    document = PSDImage.open(path)
-    groups = [layer for layer in document if layer.name.startswith("[harmonized]")]
-    if not groups:
-        raise ValueError(f"{path}: no [harmonized] group")
-    layer = list(groups[-1])[index]
-    canvas = np.zeros((document.height, document.width, 3), np.float32)
-    pixels = np.asarray(layer.topil().convert("RGB"), np.float32) / 255.0
-    left, top = layer.left, layer.top
-    canvas[top : top + pixels.shape[0], left : left + pixels.shape[1]] = pixels
-    return canvas
+def read_variants(path: str | Path) -> list[np.ndarray]:
+    """The variants of a rendered PSD's newest output group as (h, w, 3) float32 in
+    [0, 1], the scale the world's ground truth uses."""
+    return [pixels / np.float32(255) for pixels in variants.read_variants(path)]

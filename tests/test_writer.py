@@ -367,6 +367,65 @@ def test_ag_psd_reads_names_visibility_and_pixels(tmp_path, mode, depth, psb):
     assert same(readers.ag_psd_pixels(document["composite"], 32, 24), visible)
 
 
+def mixed_rows_variant(height: int, width: int, seed: int) -> np.ndarray:
+    """Rows of every PackBits kind: flat, half flat half noise, noise, one lone run."""
+    rng = np.random.default_rng(seed)
+    variant = rng.random((height, width, 3), dtype=np.float32)
+    variant[: height // 4] = 0.5  # flat rows: runs
+    variant[height // 4 : height // 2, : width // 2] = 0.25  # half runs
+    variant[height - 3, 7:12] = 0.75  # a short run inside a literal row
+    return variant
+
+
+@pytest.mark.parametrize("width", [1, 127, 128, 129, 300])
+@pytest.mark.parametrize("version", [1, 2])
+def test_packbits_rows_of_every_kind_decode_exactly(width, version):
+    from psd_tools.compression import decode_rle
+
+    from psd_collage.psd.rle import encode_plane, image_data
+
+    plane = np.rint(mixed_rows_variant(16, width, seed=width)[..., 0] * 255).astype(np.uint8)
+    encoded = encode_plane(plane, version)
+    payload = encoded.payload
+    assert decode_rle(payload, width, 16, 8, version) == plane.tobytes()
+    both = image_data([encoded, encode_plane(plane[::-1].copy(), version)], version)
+    assert decode_rle(both, width, 32, 8, version) == plane.tobytes() + plane[::-1].tobytes()
+    if width >= 128:  # flat rows still shrink: runs are found where they pay
+        assert len(payload) < 0.9 * plane.size
+
+
+@pytest.mark.parametrize("psb", [False, True])
+def test_wide_packbits_layers_read_the_same_by_every_reader(tmp_path, psb):
+    """Rows longer than one literal packet, of both kinds, in layers and the merged image."""
+    height, width = 20, 300
+    source = build(tmp_path / "in.psd", size=(width, height), psb=psb)
+    variants = [mixed_rows_variant(height, width, seed) for seed in (1, 2)]
+    output = write_variants(source, tmp_path / "out.psd", variants, NAMES, GROUP)
+    expected = [np.rint(variant * 255).astype(np.uint8) for variant in variants]
+    header = read_record(output).header
+    _, layers = check_group(output, NAMES)
+    for layer, want in zip(layers, expected, strict=True):
+        colour, alpha = layer_raw(layer, header)
+        assert np.array_equal(colour, want)
+        assert (alpha == 255).all()
+    assert np.array_equal(merged_raw(read_record(output)), expected[0])
+    if readers.imagemagick():
+        entries = readers.identify_layers(output)
+        assert np.array_equal(readers.magick_pixels(output, 0, "rgb", 8), expected[0])
+        top, below = entries[-1]["index"], entries[-2]["index"]
+        assert np.array_equal(readers.magick_pixels(output, top, "rgb", 8), expected[0])
+        assert np.array_equal(readers.magick_pixels(output, below, "rgb", 8), expected[1])
+    if readers.ag_psd():
+        document = readers.ag_psd_read(output)
+        children = list(reversed(document["children"][-1]["children"]))
+        for child, want in zip(children, expected, strict=True):
+            assert np.array_equal(
+                readers.ag_psd_pixels(child["pixels"], width, height)[..., :3], want
+            )
+        composite = readers.ag_psd_pixels(document["composite"], width, height)
+        assert np.array_equal(composite[..., :3], expected[0])
+
+
 # --- real Photoshop files -------------------------------------------------------------
 
 FIXTURES = [

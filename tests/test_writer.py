@@ -392,6 +392,8 @@ def test_packbits_rows_of_every_kind_decode_exactly(width, version):
     assert decode_rle(both, width, 32, 8, version) == plane.tobytes() + plane[::-1].tobytes()
     if width >= 128:  # flat rows still shrink: runs are found where they pay
         assert len(payload) < 0.9 * plane.size
+    flat = np.full((16, width), 255, np.uint8)  # the opaque transparency plane
+    assert decode_rle(encode_plane(flat, version).payload, width, 16, 8, version) == flat.tobytes()
 
 
 @pytest.mark.parametrize("psb", [False, True])

@@ -85,7 +85,11 @@ class CollageLayer:
 
     @property
     def alpha(self) -> np.ndarray:
-        return self.pixels[..., 3].astype(np.float32) / 255.0
+        """(h, w) float32 in [0, 1], a new array (one allocation: it is canvas-sized
+        for a background layer)."""
+        alpha = self.pixels[..., 3].astype(np.float32)
+        alpha /= 255.0
+        return alpha
 
     @property
     def locked(self) -> bool:

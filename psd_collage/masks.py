@@ -41,7 +41,9 @@ def background_mask(layers: Sequence[CollageLayer], size: tuple[int, int]) -> np
     uncovered = np.ones((height, width), np.float32)
     for layer in layers:
         left, top, right, bottom = layer.box
-        uncovered[top:bottom, left:right] *= 1.0 - layer.alpha
+        cover = layer.alpha
+        np.subtract(1.0, cover, out=cover)  # in place: one box-sized float, not two
+        uncovered[top:bottom, left:right] *= cover
     return uncovered
 
 
@@ -182,7 +184,8 @@ def paint_layers(collage: Collage, values: Sequence[float], background: float) -
     """
     size = collage.document.size
     if background:
-        out = background_mask(collage.layers, size) * np.float32(background)
+        out = background_mask(collage.layers, size)
+        out *= np.float32(background)  # in place: a canvas-sized float less at 8000 x 6000
     else:
         out = np.zeros((size[1], size[0]), np.float32)
     for layer, value in zip(collage.layers, values, strict=True):
@@ -203,7 +206,9 @@ def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a float map to ``size`` (width, height) with area averaging / bilinear."""
     if values.shape[::-1] == tuple(size):
         return values.astype(np.float32, copy=False)
-    image = Image.fromarray(values.astype(np.float32), mode="F")
+    # copy=False: Pillow copies it anyway, and a second canvas-sized float (192 MB
+    # at 8000 x 6000) would set the render's peak.
+    image = Image.fromarray(values.astype(np.float32, copy=False), mode="F")
     shrinking = size[0] < values.shape[1]
     resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
     return np.array(image.resize(size, resample), np.float32)

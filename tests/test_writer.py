@@ -428,6 +428,25 @@ def test_wide_packbits_layers_read_the_same_by_every_reader(tmp_path, psb):
         assert np.array_equal(composite[..., :3], expected[0])
 
 
+@pytest.mark.parametrize(("mode", "depth"), [("RGB", 8), ("RGB", 16), ("CMYK", 8), ("L", 8)])
+def test_uint8_variants_write_the_same_layers_as_their_float_values(tmp_path, mode, depth):
+    """An upscaled variant comes as uint8 (a quarter of the memory): same pixels as floats."""
+    source = build(tmp_path / "in.psd", mode, depth)
+    rng = np.random.default_rng(4)
+    as_u8 = [rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for _ in range(2)]
+    as_float = [variant.astype(np.float32) / 255.0 for variant in as_u8]
+    pin = stripes_pin(24, 32)
+    outputs = []
+    for name, variants in (("u8", as_u8), ("float", as_float)):
+        output = tmp_path / f"{name}.psd"
+        write_variants(source, output, variants, NAMES, GROUP, pin=pin)
+        outputs.append(output)
+    header = read_record(outputs[0]).header
+    pairs = zip(check_group(outputs[0], NAMES)[1], check_group(outputs[1], NAMES)[1], strict=True)
+    for from_u8, from_float in pairs:
+        assert np.array_equal(layer_raw(from_u8, header)[0], layer_raw(from_float, header)[0])
+
+
 # --- real Photoshop files -------------------------------------------------------------
 
 FIXTURES = [

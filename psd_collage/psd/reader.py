@@ -10,6 +10,7 @@ rest of the psd package does the parts: :mod:`.header` (cheap checks first),
 from __future__ import annotations
 
 import dataclasses
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,9 @@ def read_collage(path: str | Path, settings: Settings = _DEFAULT_SETTINGS) -> Co
                 "and save again",
                 path=path,
             )
-        collage = _Reader(path, psd, header, settings).read()
+        reader = _Reader(path, psd, header, settings)
+        del psd  # the reader lets go of it half-way (see _Reader._release_document)
+        collage = reader.read()
     collage.warnings.extend(diagnostics_as_warnings(diagnostics))
     return collage
 
@@ -104,6 +107,7 @@ class _Reader:
         self._check_sidecar_keys()
         self._check_colour_profile()
         output_at, live = self._place_output()
+        live_names = [layer.name for layer in live]
         layers = [layer for item in self.items if (layer := self._collage_layer(item))]
         if not layers and not self.harmonized:
             raise UnsupportedDocument(
@@ -112,14 +116,6 @@ class _Reader:
                 path=self.path,
             )
         self._warn_unnamed(layers)
-        masks.assign_visible_masks(layers, self.size)
-        for layer in layers:
-            layer.steered = bool(layer.caption) and layer.visible_area >= self.settings.min_area
-            if layer.caption and not layer.steered:
-                self.warnings.append(
-                    f"layer {layer.name!r} shows only {layer.visible_area:.1%} of the canvas "
-                    f"(under {self.settings.min_area:.0%}): it is rendered but not steered"
-                )
         document = DocumentInfo(
             path=self.path,
             width=self.size[0],
@@ -132,6 +128,18 @@ class _Reader:
         negative = self._negative()
         composite = self._flatten()
         base = self._base()
+        overlay = self._overlay(live)
+        earlier_groups = [group.name for group in self.harmonized]
+        del live
+        self._release_document()
+        masks.assign_visible_masks(layers, self.size)
+        for layer in layers:
+            layer.steered = bool(layer.caption) and layer.visible_area >= self.settings.min_area
+            if layer.caption and not layer.steered:
+                self.warnings.append(
+                    f"layer {layer.name!r} shows only {layer.visible_area:.1%} of the canvas "
+                    f"(under {self.settings.min_area:.0%}): it is rendered but not steered"
+                )
         collage = Collage(
             document=document,
             prompt=prompt,
@@ -141,11 +149,11 @@ class _Reader:
             base=base,
             warnings=self.warnings,
             background_noise=self.settings.noise,
-            earlier_groups=[group.name for group in self.harmonized],
+            earlier_groups=earlier_groups,
             renders=read_renders(self.xmp),
             output_at=output_at,
-            live_above=[layer.name for layer in live],
-            overlay=self._overlay(live),
+            live_above=live_names,
+            overlay=overlay,
         )
         if any(layer.redo for layer in layers) and base is None:
             self.warnings.append(
@@ -153,6 +161,18 @@ class _Reader:
                 "collage is rendered; show the variant you want to edit"
             )
         return collage
+
+    def _release_document(self) -> None:
+        """Drop psd-tools' document once every pixel is drawn, before the visible masks.
+
+        It holds the whole file in memory (about 500 MB for an 8000 x 6000 poster of
+        10 layers); its layers reference each other, hence the collection.
+        """
+        self.psd = None  # type: ignore[assignment]
+        self.compositor = None  # type: ignore[assignment]
+        self.items, self.harmonized = [], []
+        self.prompt_layers = {kind: [] for kind in self.prompt_layers}
+        gc.collect()
 
     def _warn_unnamed(self, layers: list[CollageLayer]) -> None:
         unnamed = [

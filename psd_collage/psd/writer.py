@@ -124,8 +124,8 @@ def write_variants(
 ) -> Path:
     """Write ``source`` plus a new top group of variant layers to ``destination``.
 
-    ``variants`` are (H, W, 3) float32 sRGB in [0, 1] at document size; the first is
-    visible, the others hidden, and the first also becomes the flattened image.
+    ``variants`` are (H, W, 3) sRGB at document size, float in [0, 1] or uint8 (a
+    quarter of the memory for an upscaled variant); the first is visible, the others hidden, and the first also becomes the flattened image.
     ``pin`` (H, W) weighs the source's own native pixels back in before quantising, so
     where it is 1 the output equals the source bit for bit. The source is the
     document's composite, or with ``pin_base`` (a record index, as the reader's
@@ -288,8 +288,8 @@ def _check_variant(index: int, variant: np.ndarray, header: FileHeader) -> None:
     size = (header.height, header.width, 3)
     if variant.shape != size:
         raise ValueError(f"variant {index} has shape {variant.shape}, expected {size}")
-    if variant.dtype.kind != "f":
-        raise ValueError(f"variant {index} must be float in [0, 1], not {variant.dtype}")
+    if variant.dtype.kind != "f" and variant.dtype != np.uint8:
+        raise ValueError(f"variant {index} must be float in [0, 1] or uint8, not {variant.dtype}")
 
 
 def _layer_info(document: PSD) -> LayerInfo:
@@ -611,12 +611,17 @@ def _convert(
     channels, rows, columns = target.shape
     # Pixel-interleaved like the variant: one contiguous pass in, planes only on the way out.
     work = buffer[: target.size].reshape(rows, columns, channels)
-    native = from_srgb(np.asarray(part, np.float32), mode, icc)
+    factor = scale  # from the sRGB range to the raw range
+    if part.dtype == np.uint8 and mode == "RGB" and not icc:
+        native, factor = part, scale / 255.0  # one pass: 255 -> full scale
+    else:
+        rgb = part.astype(np.float32) / 255.0 if part.dtype == np.uint8 else part
+        native = from_srgb(np.asarray(rgb, np.float32), mode, icc)
     if mode == "CMYK":  # PSD stores ink left: full scale = no ink
         np.subtract(1.0, native, out=work)
         work *= scale
     else:
-        np.multiply(native, scale, out=work)
+        np.multiply(native, factor, out=work)
     if depth == 32:  # no rounding below: keep the new values in range here
         np.clip(work, 0.0, 1.0, out=work)
     if blend is not None:

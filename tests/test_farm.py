@@ -214,6 +214,59 @@ def test_twenty_files_two_workers_one_killed_every_file_ends_once(
     assert log.count("leaving leak.psd alone") == 1
 
 
+def test_a_killed_worker_shows_gone_its_job_waits_for_redelivery_then_it_leaves_the_list(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Heartbeats: a worker silent for ``gone_after`` s is gone, and forgotten later."""
+    from watcher.report import format_status
+    from watcher.status import REDELIVERY, WORKER_HEARTBEAT
+
+    gone_after, forget_after = 2.5 * WORKER_HEARTBEAT, 4 * WORKER_HEARTBEAT
+    root, logs = tmp_path / "hot", tmp_path
+    layout = Layout.create(root)
+    (root / "collage.toml").write_text("[policy]\nmax_steps = 40\n")
+    (layout.inbox / "slow.psd.toml").write_text("steps = 40\n")
+    drop(layout.inbox, tmp_path, "slow.psd", 7)
+    watch = start_watch(root, redis_server.url, logs / "watch.out")
+    worker = start_worker(root, redis_server.url, "alpha", logs / "alpha.out")
+    farm = FarmStatus(redis_server.url, gone_after=gone_after, forget_after=forget_after)
+    try:
+
+        def sampling() -> bool:
+            return any(r.get("phase") == "sample" for r in farm.snapshot()["running"])
+
+        wait_until(sampling, 180, [watch, worker], "slow.psd rendering")
+        [alive] = farm.snapshot()["workers"]
+        # Alive and heart-beating all along (the model load took longer than gone_after).
+        assert alive["state"] == "working" and alive["silent_s"] < gone_after
+        os.killpg(worker.pid, signal.SIGKILL)  # the machine goes down mid-job
+        worker.wait(10)
+        killed_at = time.monotonic()
+
+        def gone() -> bool:
+            workers = farm.snapshot()["workers"]
+            return bool(workers) and workers[0]["state"] == "gone"
+
+        wait_until(gone, forget_after, [watch], "the worker shown as gone")
+        assert time.monotonic() - killed_at >= gone_after - WORKER_HEARTBEAT
+        snapshot = farm.snapshot()
+        [job] = snapshot["running"]
+        assert job["name"] == "slow.psd" and job["worker"] == "alpha"
+        assert job["phase"] == REDELIVERY
+        text = format_status(snapshot)
+        assert "slow.psd: alpha is gone, waiting for another worker" in text
+        assert "alpha  gone (silent for" in text
+        # The status CLI reads the same snapshot (its thresholds are the defaults).
+        assert FarmStatus(redis_server.url).snapshot()["workers"][0]["name"] == "alpha"
+        wait_until(lambda: not farm.snapshot()["workers"], 3 * forget_after, [watch], "pruned")
+        assert farm.client.hgetall("psd-collage:workers") == {}
+        assert farm.client.hgetall("psd-collage:heartbeats") == {}
+        # Nothing finished it: the job is still in Redis, unacknowledged, for the next worker.
+        assert [r["name"] for r in farm.snapshot()["running"]] == ["slow.psd"]
+    finally:
+        stop(watch, worker)
+
+
 def test_redis_stopped_and_restarted_mid_run_loses_nothing(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:

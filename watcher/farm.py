@@ -55,6 +55,7 @@ from psd_collage.policy import Policy
 from .execute import render_outcome
 from .jobs import MAX_ATTEMPTS, OUT_DIR, failure_report
 from .layout import Layout, sidecar_name
+from .status import WORKER_HEARTBEAT, FarmStatus
 
 log = logging.getLogger("psd_collage.worker")
 
@@ -147,13 +148,12 @@ class WorkerState:
     """The pool process's warm state: one renderer reused for every job (and model cache)."""
 
     def __init__(self, config: WorkerConfig) -> None:
-        from .status import FarmStatus
-
         self.config = config
         self.layout = Layout(config.root)
         self.status = FarmStatus(config.broker)
         self._renderer = None
         self._ready = threading.Event()
+        self.jobs_started = 0
 
     def warm_up(self) -> None:
         """Build the renderer and load this machine's model before the first job asks."""
@@ -169,9 +169,23 @@ class WorkerState:
             log.error("cannot load the model yet: %s", exc)
         finally:
             self._ready.set()
+        if self.jobs_started:
+            return  # a job arrived while the model loaded: "working" stays, not "idle"
         with contextlib.suppress(Exception):
             model = self.config.defaults.get("model")
             self.status.worker_seen(self.config.name, {"state": "idle", "model": model})
+
+    def heartbeat(self, interval: float = WORKER_HEARTBEAT) -> None:
+        """Tell the status this worker is alive, busy or not, until the process dies.
+
+        A thread: a render step of minutes (or a model still loading) does not stop it,
+        so a worker that stops beating is gone (killed, its machine down), see
+        :meth:`~watcher.status.FarmStatus.snapshot`.
+        """
+        while True:
+            with contextlib.suppress(Exception):  # Redis away: the next beat tries again
+                self.status.worker_heartbeat(self.config.name)
+            time.sleep(interval)
 
     @property
     def renderer(self):
@@ -214,6 +228,7 @@ def worker_state() -> WorkerState:
             raise RuntimeError("this process is not a psd-collage worker")
         _state = WorkerState(_config)
         threading.Thread(target=_state.warm_up, name="warm-up", daemon=True).start()
+        threading.Thread(target=_state.heartbeat, name="heartbeat", daemon=True).start()
     return _state
 
 
@@ -286,6 +301,7 @@ def render_job(task: Task, job: str, name: str, root: str | None = None) -> str:
 
 
 def _render(state: WorkerState, task: Task, folder: Path, name: str, attempt: int) -> str:
+    state.jobs_started += 1
     started = time.time()
     worker = state.config.name
     record = {
@@ -373,6 +389,8 @@ def run_worker(config: WorkerConfig, *, visibility_timeout: float | None = None)
         queues=[QUEUE],
     )
     worker.start()
+    with contextlib.suppress(Exception):  # stopped cleanly: off the status at once
+        FarmStatus(config.broker).worker_gone(config.name)
     return worker.exitcode or 0
 
 

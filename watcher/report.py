@@ -33,9 +33,7 @@ def format_status(data: dict[str, Any], *, recent: int = 10) -> str:
         (
             "workers",
             data.get("workers"),
-            lambda w: (
-                f"{w.get('name')}  {w.get('state')}  {w.get('file') or ''}  seen {w.get('updated')}"
-            ),
+            _worker,
         ),
         ("recent", (data.get("recent") or [])[:recent], _recent),
     ]
@@ -46,7 +44,18 @@ def format_status(data: dict[str, Any], *, recent: int = 10) -> str:
     return "\n".join(lines)
 
 
+def _worker(w: dict[str, Any]) -> str:
+    if w.get("state") == "gone":
+        return f"{w.get('name')}  gone (silent for {w.get('silent_s', 0):.0f} s)"
+    return f"{w.get('name')}  {w.get('state')}  {w.get('file') or ''}  seen {w.get('updated')}"
+
+
 def _running(r: dict[str, Any]) -> str:
+    if r.get("phase") == "redelivery":
+        where = f"{r['worker']} is gone" if r.get("worker") else "its worker is gone"
+        return (
+            f"{r.get('name')}: {where}, waiting for another worker (attempt {r.get('attempt', 1)})"
+        )
     where = f" on {r['worker']}" if r.get("worker") else ""
     steps = f" {r.get('done', 0)}/{r.get('total', 0)}" if r.get("total") else ""
     return f"{r.get('name')}{where}: {r.get('phase', '?')}{steps}, attempt {r.get('attempt', 1)}, since {r.get('started', '?')}"

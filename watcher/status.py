@@ -18,10 +18,13 @@ Every snapshot has the same shape, in single-process and farm mode::
      "counts":  {"done": int, "failed": int},
      "recent":  [{"job", "name", "outcome": "done" | "failed", "done" | "failed": path,
                   "error", "worker", "started", "finished", "seconds", ...}],  # newest first
-     "workers": [{"name", "state", "job", "updated"}]}  # farm workers ([] single-process)
+     "workers": [{"name", "state", "job", "updated", "silent_s"}]}  # farm ([] single)
 
 ``running[].done``/``total`` are the steps of the current ``phase`` ("read", "load",
-"ti", "sample", "write"). ``status.json`` is rewritten atomically (a reader never
+"ti", "sample", "write"; "redelivery" when its farm worker is gone). A farm worker
+heart-beats every :data:`WORKER_HEARTBEAT` s; silent for :data:`WORKER_GONE_AFTER` s its
+``state`` is "gone" (``silent_s`` says for how long), and after
+:data:`WORKER_FORGET_AFTER` s it leaves the list. ``status.json`` is rewritten atomically (a reader never
 sees half a file) when something changes, at most a few times a second while a job
 reports progress, and at least every ``heartbeat`` seconds so a stale ``updated``
 means the watcher is gone.
@@ -29,6 +32,7 @@ means the watcher is gone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -168,11 +172,20 @@ class FarmStatus:
     callers decide what that means.
     """
 
-    def __init__(self, url: str, *, keep: int = 50) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        keep: int = 50,
+        gone_after: float | None = None,
+        forget_after: float | None = None,
+    ) -> None:
         import redis
 
         self.url = url
         self.keep = keep
+        self.gone_after = WORKER_GONE_AFTER if gone_after is None else gone_after
+        self.forget_after = WORKER_FORGET_AFTER if forget_after is None else forget_after
         # redis-py's pool reconnects in a forked child (a Celery pool process) by itself.
         self.client = redis.Redis.from_url(
             url, socket_connect_timeout=2, socket_timeout=5, decode_responses=True
@@ -220,27 +233,43 @@ class FarmStatus:
         self.client.hset(PREFIX + "jobs", record["job"], json.dumps(data, default=str))
 
     def worker_seen(self, name: str, info: dict[str, Any]) -> None:
-        data = {"name": name, **info, "updated": iso(time.time())}
-        self.client.hset(PREFIX + "workers", name, json.dumps(data, default=str))
+        now = time.time()
+        data = {"name": name, **info, "updated": iso(now)}
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(PREFIX + "workers", name, json.dumps(data, default=str))
+        pipe.hset(PREFIX + "heartbeats", name, repr(now))
+        pipe.execute()
+
+    def worker_heartbeat(self, name: str) -> None:
+        """The worker is alive (sent every :data:`WORKER_HEARTBEAT` s, busy or not)."""
+        self.client.hset(PREFIX + "heartbeats", name, repr(time.time()))
 
     def worker_gone(self, name: str) -> None:
-        self.client.hdel(PREFIX + "workers", name)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hdel(PREFIX + "workers", name)
+        pipe.hdel(PREFIX + "heartbeats", name)
+        pipe.execute()
 
     # -- readers ---------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """The farm's status, shaped like ``status.json`` (see the module docstring)."""
         pipe = self.client.pipeline(transaction=False)
-        for key in ("jobs", "workers", "watchers", "counts"):
+        for key in ("jobs", "workers", "watchers", "counts", "heartbeats"):
             pipe.hgetall(PREFIX + key)
         pipe.lrange(PREFIX + "history", 0, self.keep - 1)
-        jobs, workers, watchers, counts, history = pipe.execute()
+        jobs, workers, watchers, counts, heartbeats, history = pipe.execute()
         records = sorted(_loads(jobs.values()), key=lambda r: (r.get("queued_at") or "", r["job"]))
         watcher_views = [w for w in _loads(watchers.values()) if _age(w) < WATCHER_GONE_AFTER]
         rendering = {r["job"]: r.get("worker") for r in records if r.get("state") != "queued"}
-        workers_seen = sorted(_loads(workers.values()), key=lambda w: w.get("name", ""))
+        workers_seen = self._workers(_loads(workers.values()), heartbeats)
+        gone = {w["name"] for w in workers_seen if w["state"] == "gone"}
         for w in workers_seen:
             if w.get("state") == "working" and rendering.get(w.get("job")) != w.get("name"):
                 w["state"] = "lost"  # killed mid-job: its job is queued again or elsewhere
+        for r in records:
+            if r.get("state") != "queued" and r.get("worker") in gone:
+                # Unacknowledged in Redis: another worker gets it after the visibility timeout.
+                r["phase"] = REDELIVERY
         busy = [w for w in watcher_views if w.get("state") == "working"]
         state = "working" if records else ("idle" if watcher_views else "stopped")
         return {
@@ -255,6 +284,36 @@ class FarmStatus:
             "recent": _loads(history),
             "workers": workers_seen,
         }
+
+    def _workers(
+        self, workers: list[dict[str, Any]], heartbeats: dict[str, str]
+    ) -> list[dict[str, Any]]:
+        """Workers by name, ``gone`` when silent for :attr:`gone_after` s; those silent for
+        :attr:`forget_after` s are removed from Redis (a machine taken out of the farm)."""
+        now, shown, forget = time.time(), [], []
+        for worker in sorted(workers, key=lambda w: str(w.get("name", ""))):
+            name = str(worker.get("name", ""))
+            try:
+                silent = now - float(heartbeats[name])
+            except (KeyError, TypeError, ValueError):
+                silent = _age(worker)  # a worker of an older version: its last state change
+            if silent >= self.forget_after:
+                forget.append(name)
+                continue
+            if silent >= self.gone_after:
+                worker["state"] = "gone"
+            worker["silent_s"] = round(max(silent, 0.0), 1)
+            shown.append(worker)
+        if forget:
+            with contextlib.suppress(Exception):  # a reader; the next one tries again
+                self.worker_gone_all(forget)
+        return shown
+
+    def worker_gone_all(self, names: list[str]) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hdel(PREFIX + "workers", *names)
+        pipe.hdel(PREFIX + "heartbeats", *names)
+        pipe.execute()
 
 
 def read_status(root: str | Path, broker: str | None = None) -> dict[str, Any]:
@@ -271,6 +330,16 @@ def read_status(root: str | Path, broker: str | None = None) -> dict[str, Any]:
 
 #: A watcher that has not written its view for this long (seconds) is gone (killed).
 WATCHER_GONE_AFTER = 60.0
+#: Seconds between a farm worker's heartbeats (a thread of its pool process, busy or not).
+WORKER_HEARTBEAT = 5.0
+#: A worker silent this long (seconds: six missed heartbeats) shows as ``gone``, and a job
+#: it was rendering as waiting for redelivery to another worker.
+WORKER_GONE_AFTER = 30.0
+#: A worker silent this long (seconds) is removed from the status.
+WORKER_FORGET_AFTER = 600.0
+#: The ``phase`` of a job whose worker is gone: Redis hands it out again after the
+#: visibility timeout (see :mod:`watcher.farm`).
+REDELIVERY = "redelivery"
 
 
 def _age(record: dict[str, Any]) -> float:

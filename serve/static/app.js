@@ -2,7 +2,8 @@
 "use strict";
 
 const PHASES = { read: "reading", load: "loading model", ti: "learning layers",
-                 sample: "sampling", write: "writing" };
+                 sample: "sampling", write: "writing",
+                 redelivery: "its worker is gone: waiting for another worker" };
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -85,6 +86,12 @@ function resultCard(job) {
     el("div", { class: "thumbs" }, thumbs));
 }
 
+function workerState(w) {
+  if (w.state === "gone") return `gone: silent for ${Math.round(w.silent_s || 0)} s`;
+  if (w.state === "lost") return "lost its job";
+  return w.job && w.state === "working" ? `working on ${w.file || w.job}` : (w.state || "idle");
+}
+
 function fill(id, items, emptyId) {
   const node = document.getElementById(id);
   node.replaceChildren(...items);
@@ -110,9 +117,9 @@ function render(status) {
   const done = jobs.filter((j) => j.state === "done").slice(0, 20);
   fill("done", done.map(resultCard), "done-empty");
   const workers = status.workers || [];
-  fill("workers", workers.map((w) => el("li", {},
+  fill("workers", workers.map((w) => el("li", { class: `worker ${w.state || ""}` },
     el("span", { class: "name" }, w.name || w.worker || w.host || "worker"), " ",
-    el("span", { class: "meta" }, w.job ? `working on ${w.job}` : (w.state || "idle")))));
+    el("span", { class: "meta" }, workerState(w)))));
   document.getElementById("workers-section").hidden = workers.length === 0;
 }
 

@@ -13,6 +13,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from .collage import Collage, CollageLayer
+from .settings import split_layer_name
 
 #: The authors blurred the noise map with radius 10 px at 512 x 512; we scale it with the image.
 BLUR_PX_AT_512 = 10.0
@@ -108,19 +109,45 @@ def vacated_mask(collage: Collage) -> np.ndarray | None:
 
 
 def moved_redo_layers(collage: Collage) -> list[tuple[CollageLayer, tuple[int, int, int, int]]]:
-    """The ``redo`` layers whose box differs from the base variant's record, with the old box."""
+    """The ``redo`` layers whose box differs from the base variant's record, with the old box.
+
+    Layers are found in the record by Photoshop layer id; a record made from a file
+    without ids (psd-tools, ag-psd and other scripts write none; our write-back adds
+    them) is matched by name, tags left out, and order (:func:`_recorded_entries`).
+    """
     if not collage.editing or collage.base is None:
         return []
     record = collage.renders.get(collage.base.group) or {}
-    entries = [e for e in record.get("layers", []) if isinstance(e, dict) and e.get("id")]
-    was = {e["id"]: e for e in entries}
+    entries = [e for e in record.get("layers", []) if isinstance(e, dict)]
     moves = []
-    for layer in collage.layers:
-        entry = was.get(layer.layer_id) if layer.redo and layer.layer_id is not None else None
-        box = tuple(int(v) for v in entry.get("box", ())) if entry else ()
+    for layer, entry in zip(
+        collage.layers, _recorded_entries(collage.layers, entries), strict=True
+    ):
+        box = tuple(int(v) for v in entry.get("box", ())) if entry and layer.redo else ()
         if len(box) == 4 and box != tuple(layer.box):
             moves.append((layer, box))
     return moves
+
+
+def _recorded_entries(layers: Sequence[CollageLayer], entries: list[dict]) -> list[dict | None]:
+    """Each layer's entry in a render record: by id, else the k-th entry of the same name
+    without id for the k-th layer of that name not found by id (None: not recorded)."""
+    by_id = {e["id"]: e for e in entries if e.get("id")}
+    found: list[dict | None] = [by_id.get(layer.layer_id) for layer in layers]
+    unnamed: dict[str, list[dict]] = {}
+    for entry in entries:
+        if not entry.get("id"):
+            unnamed.setdefault(_base_name(str(entry.get("name", ""))), []).append(entry)
+    for index, layer in enumerate(layers):
+        if found[index] is None:
+            queue = unnamed.get(_base_name(layer.name))
+            found[index] = queue.pop(0) if queue else None
+    return found
+
+
+def _base_name(name: str) -> str:
+    """A layer name without its tag block: adding ``[redo]`` keeps the layer's identity."""
+    return split_layer_name(name)[0]
 
 
 def start_image(collage: Collage) -> np.ndarray:

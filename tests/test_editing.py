@@ -438,9 +438,31 @@ def moved(source: Path, dest: Path, name: str, new_name: str, offset: tuple[int,
     return dest
 
 
-def test_moved_redo_layer_regenerates_the_place_it_left(renderer, tmp_path):
+def without_layer_ids(path: Path) -> Path:
+    """The file as psd-tools, ag-psd and other scripts write it: no Photoshop layer ids."""
+    from psd_tools.constants import Tag
+    from psd_tools.psd import PSD
+
+    with open(path, "rb") as fh:
+        document = PSD.read(fh)
+    for record in document._get_layer_info().layer_records:
+        if Tag.LAYER_ID in record.tagged_blocks:
+            del record.tagged_blocks[Tag.LAYER_ID]
+    with open(path, "wb") as fh:
+        document.write(fh)
+    assert all(layer.layer_id <= 0 for layer in PSDImage.open(path).descendants())
+    return path
+
+
+@pytest.mark.parametrize("ids", ["photoshop ids", "no ids"])
+def test_moved_redo_layer_regenerates_the_place_it_left(renderer, tmp_path, ids):
     source = picnic(tmp_path)
+    if ids == "no ids":
+        without_layer_ids(source)
     first = renderer.render_file(source)
+    written = PSDImage.open(first.output)
+    layer_ids = [layer.layer_id for layer in written.descendants()]
+    assert min(layer_ids) > 0 and len(set(layer_ids)) == len(layer_ids)  # as Photoshop saves
     edited = moved(
         first.output, tmp_path / "edited.psd", "a white cup", "a white cup [redo]", (80, 30)
     )

@@ -153,9 +153,20 @@ def assert_originals_untouched(source: Path, output: Path, added: int) -> None:
     count = len(old.layer_records) if old else 0
     assert len(new.layer_records) == count + added
     for index in range(count):
-        assert serialized(new.layer_records[index], "macroman", version) == serialized(
-            old.layer_records[index], "macroman", version
-        ), f"layer record {index} changed"
+        old_record, new_record = old.layer_records[index], new.layer_records[index]
+        blocks = new_record.tagged_blocks
+        added_id = Tag.LAYER_ID not in old_record.tagged_blocks
+        if added_id:  # a record without a Photoshop layer id gets one, as Photoshop does
+            assert blocks.get_data(Tag.LAYER_ID) > 0
+            saved = blocks[Tag.LAYER_ID]
+            del blocks[Tag.LAYER_ID]
+        try:
+            assert serialized(new_record, "macroman", version) == serialized(
+                old_record, "macroman", version
+            ), f"layer record {index} changed"
+        finally:
+            if added_id:
+                blocks[Tag.LAYER_ID] = saved
         assert serialized(new.channel_image_data[index]) == serialized(
             old.channel_image_data[index]
         ), f"pixels of layer {index} changed"

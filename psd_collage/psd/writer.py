@@ -170,7 +170,7 @@ def write_variants(
             del layers_only
     layers = _layer_info(document)
     merged_alpha = layers.layer_count < 0
-    next_id = _next_layer_id(layers)
+    next_id = _give_layer_ids(layers)
     codec = compression if compression is not None else layer_compression(depth)
 
     # Record order is bottom to top: the group's end marker, the variants (the first,
@@ -305,9 +305,26 @@ def _layer_info(document: PSD) -> LayerInfo:
     return info
 
 
-def _next_layer_id(layers: LayerInfo) -> int:
-    ids = [record.tagged_blocks.get_data(Tag.LAYER_ID, 0) for record in layers.layer_records]
-    return max(ids, default=0) + 1
+def _give_layer_ids(layers: LayerInfo) -> int:
+    """Give every record without a Photoshop layer id one, as Photoshop does on save;
+    returns the next free id.
+
+    Files written by psd-tools, ag-psd and other scripts carry none, and the render
+    record identifies layers by id (a moved ``[redo]`` layer is found by it). Only a
+    'lyid' block is added to such records; their pixels stay byte for byte.
+    """
+    ids = [_record_id(record) for record in layers.layer_records]
+    next_id = max(ids, default=0) + 1
+    for record, layer_id in zip(layers.layer_records, ids, strict=True):
+        if layer_id <= 0:
+            record.tagged_blocks.set_data(Tag.LAYER_ID, next_id)
+            next_id += 1
+    return next_id
+
+
+def _record_id(record: LayerRecord) -> int:
+    value = record.tagged_blocks.get_data(Tag.LAYER_ID, 0)
+    return int(value) if isinstance(value, int) else 0
 
 
 def _merged_planes(document: PSD) -> np.ndarray:

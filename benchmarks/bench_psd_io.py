@@ -10,7 +10,9 @@ then times, interleaved and in one process:
     case, which also reads the stored composite).
 
 Each run happens in a forked child, so its peak RSS above the starting point is
-measured too. Medians of ``--repeats`` runs; ratio = ours / naive (goal <= 0.5).
+measured too. Medians of ``--repeats`` runs; ratio = ours / naive (goal <= 0.08). The
+machine (CPU, cores, load average at the start) is printed with the figures: on a
+shared machine both sides slow down, so compare ratios measured in one run.
 ``--codecs`` also writes once with RLE, RAW and ZIP colour channels (time, size).
 
 Usage: python benchmarks/bench_psd_io.py [--json] [--width 4000 --height 3000]
@@ -20,8 +22,10 @@ Usage: python benchmarks/bench_psd_io.py [--json] [--width 4000 --height 3000]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
+import os
 import resource
 import statistics
 import tempfile
@@ -89,6 +93,15 @@ def ours(
     )
 
 
+def machine() -> dict[str, object]:
+    """What the figures were measured on: CPU model, cores, load average at the start."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        cpu = next((line.split(":", 1)[1].strip() for line in fh if "model name" in line), cpu)
+    load = [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else []
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1_5_15": load}
+
+
 def _rss_kib() -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -132,6 +145,7 @@ def main() -> None:
     parser.add_argument("--codecs", action="store_true", help="also compare RLE/RAW/ZIP")
     args = parser.parse_args()
 
+    at_start = machine()
     with tempfile.TemporaryDirectory(prefix="bench_psd_io.") as folder:
         root = Path(folder)
         source = root / "poster.psd"
@@ -150,6 +164,7 @@ def main() -> None:
         naive_s = statistics.median(run[0] for run in naive_runs)
         ours_s = statistics.median(run[0] for run in ours_runs)
         result = {
+            "machine": at_start,
             "document": f"{args.width}x{args.height} RGB 8-bit, {args.layers} layers",
             "variants": args.variants,
             "repeats": args.repeats,

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_psd_io import build_document  # noqa: E402
+from bench_psd_io import build_document, machine  # noqa: E402
 
 GOAL_MB = 2048
 
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
+    at_start = machine()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         document = folder / "poster.psd"
@@ -117,6 +118,7 @@ def main() -> None:
     peak = statistics.median(r["peak_rss_mb"] for r in runs)
     middle = sorted(runs, key=lambda r: r["peak_rss_mb"])[len(runs) // 2]
     figures = {
+        "machine": at_start,
         "document": f"{args.width}x{args.height}, {args.layers} layers, RGB 8-bit",
         "variants": args.variants,
         "repeats": args.repeats,
@@ -131,6 +133,7 @@ def main() -> None:
         print(json.dumps(figures))
     else:
         print(f"render of {figures['document']}, {args.variants} variants, --model tiny")
+        print(f"  machine: {at_start}")
         print(f"  peak RSS {peak:.0f} MB, median of {args.repeats} (goal < {GOAL_MB} MB)")
         print(f"  set in phase: {figures['peak_phase']}")
         for phase, high in figures["phase_peaks_mb"].items():

@@ -176,26 +176,9 @@ def write_variants(
     # Record order is bottom to top: the group's end marker, the variants (the first,
     # visible one last so that it is at the top of the group in the Layers panel),
     # then the group's own record.
-    records: list[tuple[LayerRecord, ChannelDataList]] = []
-    merged: np.ndarray | None = None
-    merged_rle: list[EncodedPlane] | None = None
-    opaque = _opaque_channel(header)  # the same bytes for every variant: encoded once
-    strips = _strips(pin, header.height, header.width)
-    scratch: np.ndarray | None = None  # one variant's planes, reused for the next
-    for index, name in enumerate(names):
-        variant = variants[index]  # fetched once: it may be upscaled on access
-        _check_variant(index, variant, header)
-        planes = _native_planes(variant, mode, icc, depth, strips, pinned, scratch)
-        del variant
-        encoded = _encode_planes(planes, codec, header)
-        layer_id = next_id + 1 + index
-        records.append(_pixel_layer(encoded, name, index == 0, layer_id, opaque, header))
-        if index == 0:
-            merged_rle = [plane for plane, _ in encoded if plane is not None]
-            if overlay is not None or len(merged_rle) != n_color:
-                merged = planes  # the flattened image needs the samples themselves
-        scratch = planes if planes is not merged else None
-        del planes, encoded
+    records, merged, merged_rle = _variant_layers(
+        variants, names, next_id + 1, (mode, icc, header, codec), pin, pinned, overlay is not None
+    )
     del pinned
     records.reverse()
     records.insert(0, _group_record(_GROUP_END_NAME, next_id, n_color, end=True))
@@ -660,6 +643,45 @@ def _convert(
     # Clipping first makes rounding straight into the raw type safe: one pass fewer.
     np.clip(work, 0.0, scale, out=work)
     np.rint(planar, out=target, casting="unsafe")
+
+
+def _variant_layers(
+    variants: Sequence[np.ndarray],
+    names: Sequence[str],
+    first_id: int,
+    target: tuple[str, bytes | None, FileHeader, Compression],
+    pin: np.ndarray | None,
+    pinned: np.ndarray | None,
+    keep_samples: bool,
+) -> tuple[list[tuple[LayerRecord, ChannelDataList]], np.ndarray | None, list[EncodedPlane] | None]:
+    """The variants' layer records (first visible), one variant converted at a time.
+
+    Also returns what the flattened image is made of: the first variant's RLE rows
+    (8 bits), and its samples only when those will not do (``keep_samples``: an overlay
+    goes on top; or another codec).
+    """
+    mode, icc, header, codec = target
+    records: list[tuple[LayerRecord, ChannelDataList]] = []
+    merged: np.ndarray | None = None
+    merged_rle: list[EncodedPlane] | None = None
+    opaque = _opaque_channel(header)  # the same bytes for every variant: encoded once
+    strips = _strips(pin, header.height, header.width)
+    scratch: np.ndarray | None = None  # one variant's planes, reused for the next
+    for index, name in enumerate(names):
+        variant = variants[index]  # fetched once: it may be upscaled on access
+        _check_variant(index, variant, header)
+        planes = _native_planes(variant, mode, icc, header.depth, strips, pinned, scratch)
+        del variant
+        encoded = _encode_planes(planes, codec, header)
+        layer_id = first_id + index
+        records.append(_pixel_layer(encoded, name, index == 0, layer_id, opaque, header))
+        if index == 0:
+            merged_rle = [plane for plane, _ in encoded if plane is not None]
+            if keep_samples or len(merged_rle) != planes.shape[0]:
+                merged = planes  # the flattened image needs the samples themselves
+        scratch = planes if planes is not merged else None
+        del planes, encoded
+    return records, merged, merged_rle
 
 
 def _layer_name(record: LayerRecord, name: str) -> None:

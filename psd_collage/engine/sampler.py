@@ -4,7 +4,9 @@ A latent pixel of strength ``s`` behaves like img2img with strength ``s``: until
 schedule reaches the step where that img2img would start, the pixel is the original
 latent re-noised to the current timestep (the "differential diffusion" form of the
 paper's per-layer noise); from then on it runs free. Pixels of strength 0 end as the
-original latents exactly. Variants are batched with one generator per seed, so a seed
+original latents exactly; pixels of strength 1 start from pure noise, as text-to-image
+does. With one strength everywhere and steering off, the loop is diffusers' img2img (or
+text-to-image) pipeline step for step (tests/test_engine_equivalence.py). Variants are batched with one generator per seed, so a seed
 gives the same image whatever else is in the batch.
 """
 
@@ -183,6 +185,11 @@ def denoise(
     original = original.expand(n, -1, -1, -1)
     noise = randn_tensor(original.shape, generator=generators, device=device, dtype=torch.float32)
     latents = scheduler.add_noise(original, noise, timesteps[:1].repeat(n))
+    if start == 0:
+        # Pixels of strength 1 start from pure noise, as diffusers' text-to-image does:
+        # add_noise at the first timestep keeps a trace of the input (sqrt(alpha_bar) ~ 0.07
+        # at t = 981) and scales sigma schedulers' noise by sigma, not init_noise_sigma.
+        latents = torch.where(free_from == 0, noise * scheduler.init_noise_sigma, latents)
     step_kwargs = {}
     if "generator" in inspect.signature(scheduler.step).parameters:
         step_kwargs["generator"] = generators

@@ -240,7 +240,7 @@ class Engine:
         progress: Callable[[int, int], None] | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(final latents (n, 4, h/8, w/8), original latents (1, 4, h/8, w/8)), float32, undecoded.
+        """(final latents (n, C, h/8, w/8), original latents (1, C, h/8, w/8)), float32, undecoded.
 
         For diagnostics and tests of the noise map: pixels of strength 0 come back as
         the original latents exactly.

@@ -157,7 +157,8 @@ def check_fits(controlnet: ControlNetModel, unet: UNet2DConditionModel, name: st
     """A ControlNet made for another model family fails here, not deep inside the UNet."""
     mine, theirs = controlnet.config, unet.config
     same = (
-        mine.get("cross_attention_dim") == theirs.get("cross_attention_dim")
+        mine.in_channels == theirs.in_channels  # latent channels: 4 for SD, 16 for SD3/Flux
+        and mine.get("cross_attention_dim") == theirs.get("cross_attention_dim")
         and tuple(mine.block_out_channels) == tuple(theirs.block_out_channels)
         and mine.get("addition_embed_type") == theirs.get("addition_embed_type")
     )
@@ -165,6 +166,7 @@ def check_fits(controlnet: ControlNetModel, unet: UNet2DConditionModel, name: st
         raise ModelError(
             f"ControlNet {name!r} was made for another kind of model than --model (its "
             f"cross-attention width is {mine.get('cross_attention_dim')}, the model's "
-            f"{theirs.get('cross_attention_dim')}): use a canny ControlNet for the same Stable "
+            f"{theirs.get('cross_attention_dim')}; its latent channels {mine.in_channels}, the "
+            f"model's {theirs.in_channels}): use a canny ControlNet for the same Stable "
             "Diffusion version (1.x or SDXL)"
         )

@@ -33,8 +33,9 @@ from .controlnet import ControlInputs
 def encode_posterior(
     vae: AutoencoderKL, image: np.ndarray, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, w, 3) float [0, 1] -> the VAE posterior's (mean, std), (1, 4, h/8, w/8) float32,
-    shifted and scaled as the UNet sees latents: ``mean + std * noise`` is a sample.
+    """(h, w, 3) float [0, 1] -> the VAE posterior's (mean, std), (1, C, h/8, w/8) float32
+    (C: the VAE's latent channels), shifted and scaled as the UNet sees latents:
+    ``mean + std * noise`` is a sample.
 
     The one VAE encoder: the sampler starts from the mean, textual inversion samples it.
     """
@@ -47,7 +48,7 @@ def encode_posterior(
 
 
 def encode_image(vae: AutoencoderKL, image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(h, w, 3) float [0, 1] -> latents (1, 4, h/8, w/8) float32; the posterior mean (deterministic)."""
+    """(h, w, 3) float [0, 1] -> latents (1, C, h/8, w/8) float32; the posterior mean (deterministic)."""
     return encode_posterior(vae, image, device)[0]
 
 
@@ -163,9 +164,9 @@ def denoise(
     steering_schedule: str = DEFAULT_STEERING_SCHEDULE,
     pin_dilation: bool = DEFAULT_PIN_DILATION,
 ) -> torch.Tensor:
-    """Run the loop for ``len(seeds)`` variants; returns float32 latents (n, 4, h, w).
+    """Run the loop for ``len(seeds)`` variants; returns float32 latents (n, C, h, w).
 
-    ``original`` (1, 4, h, w) float32 latents, ``strength`` (1, 1, h, w) in [0, 1];
+    ``original`` (1, C, h, w) float32 latents (C: the VAE's channels), ``strength`` (1, 1, h, w) in [0, 1];
     ``control``: a ControlNet whose residuals, times its scale map, join the UNet's.
     ``steering_schedule`` and ``pin_dilation``: see :data:`STEERING_SCHEDULES` and
     :func:`dilate_pinned`.

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_open, atomic_write_text
 from .model import (
+    LATENT_SIZE,
     WEIGHTS_DIR,
     build_scheduler,
     build_text_encoder,
@@ -336,7 +337,7 @@ def probe(args: argparse.Namespace) -> None:
     ids = torch.randint(0, 40, (args.batch, 32))
     t0 = time.perf_counter()
     for _ in range(5):
-        x = torch.randn(args.batch, 4, 16, 16)
+        x = torch.randn(args.batch, unet.config.in_channels, LATENT_SIZE, LATENT_SIZE)
         t = torch.randint(0, 1000, (args.batch,))
         loss = F.mse_loss(unet(x, t, encoder_hidden_states=text(ids)[0]).sample, x)
         opt.zero_grad()

@@ -333,7 +333,11 @@ class Renderer:
             preview_file = None
             if inputs.preview_source is not None:
                 preview_file = write_preview(
-                    preview_path(job.output), inputs.preview_source, images, inputs.pin
+                    preview_path(job.output),
+                    inputs.preview_source,
+                    images,
+                    inputs.pin,
+                    names=names,
                 )
             job.notify("write", 1, 1)
         return preview_file

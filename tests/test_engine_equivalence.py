@@ -14,6 +14,10 @@ encoded latents as their ``image`` (a path diffusers documents: 4-channel input 
 encoded again), and a separate test shows our encoding is diffusers' own preprocessing and
 VAE mean. The pipelines run on freshly built components with diffusers' attention
 processors, not on the engine's modules (which carry ours).
+
+A second, smaller difference is left out by the strengths chosen: where ``strength x
+steps`` falls a rounding error below a whole number (0.29 x 100 = 28.999...), diffusers
+truncates it (28 steps) and we count the step the user meant (29).
 """
 
 from __future__ import annotations

@@ -239,3 +239,20 @@ def test_render_writes_variants_with_locks_exact_and_redo(kind, collage_psd, tmp
     with pytest.raises(SettingsError, match="textual inversion"):
         renderer.render_file(tagged, tmp_path / "ti.out.psd")
     assert not (tmp_path / "ti.out.psd").exists()
+
+
+def test_cli_renders_with_a_flux_model_and_refuses_a_controlnet_in_one_line(collage_psd):
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "psd_collage.cli", "render", str(collage_psd), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    common = ("--model", "tiny-flux", "--steps", "2", "--variants", "1", "--seed", "1")
+    run = cli(*common, "-o", str(collage_psd.with_name("out.psd")))
+    assert run.returncode == 0, run.stderr
+    assert PSDImage.open(collage_psd.with_name("out.psd"))[-1].name.startswith("[harmonized]")
+    refused = cli(*common, "--controlnet", "tiny")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: --controlnet tiny:")

@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
-from engine_helpers import random_image, tiny_engine, two_phrase_request
+from engine_helpers import (
+    DEVICE,
+    DTYPE,
+    IMAGE_ATOL,
+    random_image,
+    tiny_engine,
+    two_phrase_request,
+)
 from psd_tools import PSDImage
 
 from psd_collage.engine import GenerationRequest, load_engine, save_single_file
@@ -22,6 +29,9 @@ from tests.psd_builders import Pixels, build_psd, edit_copy
 MODELS = {"flux": "tiny-flux", "sd3": "tiny-sd3"}
 IMG2IMG = {"flux": FluxImg2ImgPipeline, "sd3": StableDiffusion3Img2ImgPipeline}
 H, W = 64, 256  # latents 8 x 32: four bands of 8 latent columns
+#: diffusers keeps img2img latents in the model's dtype between steps, we keep float32:
+#: equal in float32, within half-precision rounding on a GPU run (benchmarks/gpu_check.sh).
+LATENT_ATOL = 1e-3 if DTYPE in (None, "fp32", "float32") else 5e-2
 
 
 def _bands(values: list[float]) -> np.ndarray:
@@ -103,7 +113,7 @@ def test_uniform_noise_without_steering_is_diffusers_img2img(kind, strength):
     if kind == "flux":
         theirs = unpack_latents(theirs, (8, 16))
     assert (ours - original).abs().mean() > 0.1  # it did sample
-    assert (ours - theirs.float()).abs().max() < 1e-3
+    assert (ours - theirs.float()).abs().max() < LATENT_ATOL
 
 
 def _attention_shares(engine, request):
@@ -164,10 +174,10 @@ def test_loads_from_a_diffusers_folder_and_a_single_file(kind, tmp_path):
     build_tiny_flow_components(kind).pipeline().save_pretrained(tmp_path / "model")
     save_single_file(build_tiny_flow_components(kind), tmp_path / "model.safetensors")
     for source in (tmp_path / "model", tmp_path / "model.safetensors"):
-        engine = load_engine(str(source), device="cpu")
+        engine = load_engine(str(source), device=DEVICE, dtype=DTYPE)
         assert engine.kind == kind and engine.native_resolution == 256
         assert engine.weights_hash == tiny_engine(MODELS[kind]).weights_hash
-        np.testing.assert_allclose(_image(engine), reference, atol=1e-4)
+        np.testing.assert_allclose(_image(engine), reference, atol=IMAGE_ATOL)
 
 
 @pytest.mark.parametrize("kind", MODELS)

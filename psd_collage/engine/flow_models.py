@@ -166,18 +166,21 @@ def _tiny_clip(tokenizer: CLIPTokenizer, projection: bool) -> torch.nn.Module:
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
-def _tiny_vae(kind: str) -> AutoencoderKL:
-    """16 latent channels, 8x down, no quant convs: the Flux / SD3 VAE's shape, tiny."""
+def tiny_vae(
+    kind: str, widths: tuple[int, ...] = (8, 16, 32, 32), groups: int = 8
+) -> AutoencoderKL:
+    """16 latent channels, 8x down, no quant convs: the Flux / SD3 VAE's shape, narrow
+    (the tiny models; the benchmarks widen it)."""
     scale, shift = (0.3611, 0.1159) if kind == "flux" else (1.5305, 0.0609)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
+        block_out_channels=widths,
         layers_per_block=1,
         latent_channels=16,
-        norm_num_groups=8,
+        norm_num_groups=groups,
         sample_size=256,
         scaling_factor=scale,
         shift_factor=shift,
@@ -248,7 +251,7 @@ def build_tiny_flow_components(kind: str = "flux", seed: int = 0) -> FlowCompone
                 _tiny_t5(t5_tokenizer, 64),
             ]
             tokenizers = [clip_tokenizer, clip_tokenizer_2, t5_tokenizer]
-        vae = _tiny_vae(kind)
+        vae = tiny_vae(kind)
     for module in [transformer, vae, *encoders]:
         module.eval().requires_grad_(False)
     return FlowComponents(

@@ -3,6 +3,8 @@ diffusers equivalence, loading, LoRA, refusals, and a render end to end."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -266,3 +268,157 @@ def test_cli_renders_with_a_flux_model_and_refuses_a_controlnet_in_one_line(coll
     refused = cli(*common, "--controlnet", "tiny")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1].startswith("error: --controlnet tiny:")
+
+
+def _joint_module(layout: str) -> torch.nn.Module:
+    from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    if layout == "sd3":
+        return Attention(
+            query_dim=16,
+            added_kv_proj_dim=16,
+            dim_head=8,
+            heads=2,
+            out_dim=16,
+            context_pre_only=False,
+            bias=True,
+            qk_norm="rms_norm",  # SD3.5's; the processors handle SD3.0's none as well
+            processor=JointAttnProcessor2_0(),
+        )
+    joint = layout == "flux-double"
+    return FluxAttention(
+        query_dim=16,
+        heads=2,
+        dim_head=8,
+        out_dim=16,
+        bias=True,
+        added_kv_proj_dim=16 if joint else None,
+        context_pre_only=False if joint else None,
+        pre_only=not joint,
+    )
+
+
+def _reference_probs(attn, x, context, layout, masks, weights, phrase_tokens, factor, cond_start):
+    """The collage formula on the joint scores, written out token by token: image queries
+    x caption keys of the conditional rows get the bias; returns the image rows' softmax
+    over the text keys (B - cond_start, heads, pixels, tokens)."""
+    heads, d = attn.heads, 8
+
+    def split(t):
+        return t.view(t.shape[0], -1, heads, d)
+
+    if layout == "flux-single":  # one [text, image] sequence
+        q, k = attn.norm_q(split(attn.to_q(x))), attn.norm_k(split(attn.to_k(x)))
+        tokens = x.shape[1] - masks.shape[1] * masks.shape[2]
+    else:
+        q, k = attn.norm_q(split(attn.to_q(x))), attn.norm_k(split(attn.to_k(x)))
+        tq = attn.norm_added_q(split(attn.add_q_proj(context)))
+        tk = attn.norm_added_k(split(attn.add_k_proj(context)))
+        first = layout == "flux-double"
+        q = torch.cat([tq, q] if first else [q, tq], dim=1)
+        k = torch.cat([tk, k] if first else [k, tk], dim=1)
+        tokens = context.shape[1]
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    text = slice(0, tokens) if layout != "sd3" else slice(q.shape[2] - tokens, q.shape[2])
+    image = slice(tokens, q.shape[2]) if layout != "sd3" else slice(0, q.shape[2] - tokens)
+    scores = (q @ k.transpose(-1, -2)) / d**0.5
+    for b in range(cond_start, x.shape[0]):
+        original = scores[b].clone()
+        for i, phrase in enumerate(phrase_tokens):
+            columns = [text.start + j for j in phrase]
+            peak = original[:, image][:, :, columns].max()
+            inside, outside = weights[i]
+            m = masks[i].flatten()
+            for j in columns:
+                for p in range(m.shape[0]):
+                    row = image.start + p
+                    scores[b, :, row, j] += factor * (inside * m[p] - outside * (1 - m[p])) * peak
+    return scores.softmax(-1)[cond_start:, :, image][..., text]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["flux-double", "flux-single", "sd3"])
+def test_joint_steering_matches_the_formula_on_conditional_rows_only(layout):
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    from psd_collage.engine.attention import sigma_weight
+    from psd_collage.engine.joint_attention import (
+        FluxSteeredProcessor,
+        JointSteeringState,
+        SD3SteeredProcessor,
+    )
+
+    torch.manual_seed(0)
+    attn = _joint_module(layout)
+    latent = (4, 6)  # latents; image tokens at patch size 2: a 2 x 3 grid
+    masks = torch.zeros(2, 2, 3)
+    masks[0, :, :2] = 1.0
+    masks[1, 1, 1:] = torch.tensor([0.5, 1.0])
+    weights = [(0.6, 0.9), (1.5, 0.2)]
+    phrase_tokens = [[1, 2], [4]]
+    token_phrase = torch.tensor([-1, 0, 0, -1, 1, -1, -1])
+    state = JointSteeringState()
+    image_masks = masks.repeat_interleave(16, 1).repeat_interleave(16, 2)  # image size 32 x 48
+    state.set_phrases(image_masks, torch.tensor(weights), token_phrase, latent)
+    state.cond_start, state.factor, state.text_tokens = 1, sigma_weight(2.0), 7
+    image = torch.randn(3, 6, 16) * 3
+    context = torch.randn(3, 7, 16) * 3
+    if layout == "flux-single":
+        x, ctx = torch.cat([context, image], dim=1), None
+    else:
+        x, ctx = image, context
+    steered = SD3SteeredProcessor(state) if layout == "sd3" else FluxSteeredProcessor(state)
+    plain = JointAttnProcessor2_0() if layout == "sd3" else FluxAttnProcessor()
+
+    fused = steered(attn, x, ctx)
+    recorded = []
+    state.recorder = lambda name, probs, grid: recorded.append((probs, grid))
+    explicit = steered(attn, x, ctx)
+    state.recorder = None
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-4)
+    probs, grid = recorded[0]
+    assert grid == (2, 3)
+    expected = _reference_probs(
+        attn, x, context, layout, masks, weights, phrase_tokens, state.factor, 1
+    )
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-4)
+
+    reference = plain(attn, x, ctx)
+    first = fused[0] if isinstance(fused, tuple) else fused
+    unsteered = reference[0] if isinstance(reference, tuple) else reference
+    torch.testing.assert_close(first[:1], unsteered[:1], atol=1e-5, rtol=1e-4)  # uncond row
+    assert (first[1:] - unsteered[1:]).abs().max() > 1e-2  # the conditional rows moved
+    state.clear()
+    again = steered(attn, x, ctx)  # no phrases: diffusers' own processor, bit for bit
+    for ours, theirs in zip(
+        again if isinstance(again, tuple) else (again,),
+        reference if isinstance(reference, tuple) else (reference,),
+        strict=True,
+    ):
+        assert torch.equal(ours, theirs)
+
+
+def test_hub_ids_are_told_apart_by_their_model_index(tmp_path, monkeypatch):
+    """A hub id's dot ("FLUX.1-dev") is no file suffix; the family comes from the
+    repository's model_index.json (here a cached one), not from the name."""
+    import huggingface_hub
+
+    from psd_collage.engine.flow_models import flow_family
+
+    indexes = {
+        "black-forest-labs/FLUX.1-dev": "FluxPipeline",
+        "stabilityai/stable-diffusion-3.5-medium": "StableDiffusion3Pipeline",
+        "someone/sd-1.5-style": "StableDiffusionPipeline",
+    }
+
+    def cached(repo_id, filename, local_files_only=False, **_):
+        assert filename == "model_index.json" and local_files_only
+        index = tmp_path / f"{repo_id.replace('/', '--')}.json"
+        index.write_text(json.dumps({"_class_name": indexes[repo_id]}))
+        return str(index)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cached)
+    assert [flow_family(repo) for repo in indexes] == ["flux", "sd3", None]
+    assert flow_family(str(tmp_path / "missing.safetensors")) is None

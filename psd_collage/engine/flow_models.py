@@ -37,7 +37,13 @@ from transformers import (
 )
 
 from ..errors import ModelError, SettingsError
-from .models import SINGLE_FILE_LAYOUT, checkpoint_type, hub_offline, load_from_hub
+from .models import (
+    SINGLE_FILE_LAYOUT,
+    checkpoint_type,
+    hub_offline,
+    hub_reachable,
+    load_from_hub,
+)
 from .tiny_vocab import WORDS, build_tiny_tokenizer
 
 #: ``--model`` names of the tiny random-weight transformer models, and their family.
@@ -281,15 +287,30 @@ def flow_family(model: str) -> str | None:
         return _index_family(path / "model_index.json")
     if path.is_file():
         return _file_family(path) if path.suffix.lower() == ".safetensors" else None
-    if path.suffix or model.startswith((".", "/", "~", "\\")) or model.count("/") != 1:
-        return None
-    try:  # a hub id: its model_index.json, from the local cache only (no download here)
-        from huggingface_hub import hf_hub_download
-
-        index = hf_hub_download(model, "model_index.json", local_files_only=True)
-    except Exception:  # noqa: BLE001 - not cached: the UNet loader reports what to do
-        return None
+    weights = path.suffix.lower() in {".safetensors", ".ckpt", ".bin", ".pt", ".pth"}
+    if weights or model.startswith((".", "/", "~", "\\")) or model.count("/") != 1:
+        return None  # not a hub id ("FLUX.1-dev" is one: its dot is no file suffix)
+    index = _hub_index(model)
+    if index is None:
+        return None  # not on the hub either: the UNet loader reports what to do
     return _index_family(Path(index))
+
+
+def _hub_index(repo_id: str) -> Path | None:
+    """The hub model's model_index.json: from the local cache, else (downloads on and the
+    hub reachable) the one small file from the hub."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "model_index.json", local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or no such repo)
+        pass
+    if hub_offline() or not hub_reachable():
+        return None
+    try:
+        return Path(hf_hub_download(repo_id, "model_index.json"))
+    except Exception:  # noqa: BLE001 - no such repo, gated, no model_index.json ...
+        return None
 
 
 def _index_family(index: Path) -> str | None:

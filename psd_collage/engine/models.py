@@ -795,6 +795,11 @@ def hub_offline() -> bool:
     return _hub_offline()
 
 
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers within a few seconds."""
+    return _hub_reachable()
+
+
 def checkpoint_type(handle: Any) -> str:
     """diffusers' model type of an open single-file checkpoint (``v1``, ``xl_base``,
     ``flux-dev``, ``sd3`` ...), read from tensor shapes only."""

@@ -129,7 +129,7 @@ def render(
     overrides = settings_from_options(options)
     if str(overrides.get("model", "")).startswith("tiny"):
         click.echo(
-            "note: --model tiny has random weights: it runs every step of the pipeline but "
+            f"note: --model {overrides['model']} has random weights: it runs every step of the pipeline but "
             "the pictures are noise; use a real model for real results",
             err=True,
         )

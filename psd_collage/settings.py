@@ -260,8 +260,9 @@ class Settings:
 
     model: str = setting(
         DEFAULT_MODEL,
-        "Hub id, local diffusers folder, single .safetensors, 'tiny', or 'shapes' (a small "
-        "trained model of coloured shapes).",
+        "Hub id, local diffusers folder, single .safetensors (SD 1.x/2.x, SDXL, Flux.1, "
+        "SD3.x), 'tiny' / 'tiny-sdxl' / 'tiny-flux' / 'tiny-sd3' (random weights), or "
+        "'shapes' (a small trained model of coloured shapes).",
     )
     prompt: str | None = setting(
         None,
@@ -280,7 +281,11 @@ class Settings:
         default_text="random",
     )
     steps: int = setting(50, "Sampling steps (paper: 50).", range=(1, 1000))
-    guidance: float = setting(7.0, "Classifier-free guidance (paper: 7).", range=(0, 50))
+    guidance: float = setting(
+        7.0,
+        "Classifier-free guidance (paper: 7; Flux.1-dev: its distilled guidance, ~3.5).",
+        range=(0, 50),
+    )
     scheduler: str = setting("euler_ancestral", "Sampler.", choices=tuple(SCHEDULERS))
     resolution: int | None = setting(
         None,

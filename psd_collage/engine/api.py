@@ -415,6 +415,11 @@ class Engine:
         )
 
 
+def validate_request(request: GenerationRequest) -> None:
+    """Check a request's shapes (every engine family does, before any work)."""
+    _validate(request)
+
+
 def _validate(request: GenerationRequest) -> None:
     """Shapes are the caller's contract; a mismatch is a bug, not a user error."""
     image = request.image
@@ -439,7 +444,7 @@ def _validate(request: GenerationRequest) -> None:
 
 
 def load_engine(model: str | EngineOptions, **changes: Any) -> Engine:
-    """Load a model (``tiny``, ``tiny-sdxl``, a diffusers folder, a .safetensors file or a
+    """Load a model (``tiny``, ``tiny-sdxl``, ``tiny-flux``, ``tiny-sd3``, a diffusers folder, a .safetensors file or a
     hub id) onto the best device (CUDA fp16, MPS fp32, CPU fp32) unless told otherwise.
 
     ``load_engine(options)`` or ``load_engine("tiny", device="cpu", ...)``: the keywords
@@ -449,6 +454,13 @@ def load_engine(model: str | EngineOptions, **changes: Any) -> Engine:
         options = dataclasses.replace(model, **changes)
     else:
         options = EngineOptions(model=model, **changes)
+    from .flow_models import flow_family  # Flux / SD3: the flow-matching transformer engine
+
+    family = flow_family(options.model)
+    if family is not None:
+        from .flow import load_flow_engine
+
+        return load_flow_engine(options, family)
     resolved_device = resolve_device(options.device)
     resolved_dtype = resolve_dtype(options.dtype, resolved_device)
     check_scheduler(options.scheduler)  # an unknown name fails before a long load

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from ..errors import ModelError
+from ..errors import ModelError, SettingsError
 from .models import PICKLE_SUFFIXES, load_from_hub
 
 #: Thresholds of the canny ControlNets' training data (lllyasviel's annotator, the
@@ -110,6 +110,11 @@ def load_controlnet(
 ) -> ControlNetModel:
     """``tiny``, a diffusers ControlNet folder, a single ``.safetensors`` file or a hub id,
     checked to fit ``unet`` (SD 1.x ControlNets for SD 1.x models, SDXL ones for SDXL)."""
+    if not isinstance(unet, UNet2DConditionModel):  # a Flux / SD3 transformer
+        raise SettingsError(
+            f"--controlnet {source}: ControlNets work here with Stable Diffusion 1.x, 2.x and "
+            "SDXL models only, not with Flux or SD3: remove --controlnet and the canny tags"
+        )
     if source == TINY_CONTROLNET:
         return build_tiny_controlnet(unet)
     path = Path(source).expanduser()

@@ -803,3 +803,21 @@ def load_components(
             f"model {model!r} is neither an existing file or folder nor a Hugging Face model id"
         )
     return _load_hub(model, dtype, allow_pickle)
+
+
+def hub_offline() -> bool:
+    """Whether Hugging Face downloads are off (HF_HUB_OFFLINE, read now)."""
+    return _hub_offline()
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers within a few seconds."""
+    return _hub_reachable()
+
+
+def checkpoint_type(handle: Any) -> str:
+    """diffusers' model type of an open single-file checkpoint (``v1``, ``xl_base``,
+    ``flux-dev``, ``sd3`` ...), read from tensor shapes only."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    return infer_diffusers_model_type(_ShapeView(handle))

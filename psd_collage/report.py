@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -318,9 +319,10 @@ def _sheet_title(collage: Collage) -> str:
     return f"{doc.path.name} · {doc.width}x{doc.height} · {prompt}"
 
 
-#: Fonts tried for labels, in order: the first that has every character of a label draws
-#: it. DejaVu Sans covers Latin, Greek and Cyrillic; Droid Sans Fallback and the others
-#: CJK. Debian: fonts-dejavu-core, fonts-droid-fallback. Pillow's own font is the fallback.
+#: System fonts tried for labels, in order: the first that has every character of a label
+#: draws it. DejaVu Sans covers Latin, Greek and Cyrillic; Droid Sans Fallback and the
+#: others CJK. Debian: fonts-dejavu-core, fonts-droid-fallback. Then :data:`PACKAGE_FONTS`;
+#: Pillow's own font is the last resort.
 FONT_CANDIDATES = (
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
@@ -331,6 +333,37 @@ FONT_CANDIDATES = (
     "C:/Windows/Fonts/msyh.ttc",
     "C:/Windows/Fonts/segoeui.ttf",
 )
+
+#: Fonts that Python packages ship, used where installed (no system font needed): DejaVu
+#: Sans in matplotlib, IPAex Gothic (CJK, Cyrillic, Greek) in matplotlib-fontja; both come
+#: with the dev extra, so the contact sheet draws CJK on a machine with no fonts installed.
+PACKAGE_FONTS = (
+    ("matplotlib", "mpl-data/fonts/ttf/DejaVuSans.ttf"),
+    ("matplotlib_fontja", "fonts/ipaexg.ttf"),
+)
+
+
+@functools.cache
+def package_fonts() -> tuple[str, ...]:
+    """The :data:`PACKAGE_FONTS` files that are installed, found without importing their
+    packages (matplotlib_fontja reconfigures matplotlib on import)."""
+    found = []
+    for package, relative in PACKAGE_FONTS:
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            continue
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            path = Path(folder) / relative
+            if path.is_file():
+                found.append(str(path))
+                break
+    return tuple(found)
+
+
+def font_files() -> list[str]:
+    """Every font file a label may be drawn with, in the order they are tried."""
+    return [*FONT_CANDIDATES, *package_fonts()]
 
 
 @functools.cache
@@ -345,19 +378,31 @@ def _coverage(path: str) -> frozenset[int]:
         return frozenset()
 
 
-def font_for(text: str) -> str | None:
-    """The first of :data:`FONT_CANDIDATES` with a glyph for every character of ``text``."""
-    wanted = {ord(c) for c in text if not c.isspace() and unicodedata.category(c)[0] != "C"}
-    best, best_count = None, -1
-    for path in FONT_CANDIDATES:
+def _wanted(text: str) -> set[int]:
+    return {ord(c) for c in text if not c.isspace() and unicodedata.category(c)[0] != "C"}
+
+
+def font_covering(text: str) -> str | None:
+    """The first font file with a glyph for every character of ``text``; None if none has."""
+    wanted = _wanted(text)
+    for path in font_files():
         covered = _coverage(path)
-        if not covered:
-            continue
-        count = len(wanted & covered)
-        if count == len(wanted):
+        if covered and wanted <= covered:
             return path
-        if count > best_count:
-            best, best_count = path, count
+    return None
+
+
+def font_for(text: str) -> str | None:
+    """:func:`font_covering`, else the font with glyphs for most of ``text``'s characters."""
+    full = font_covering(text)
+    if full is not None:
+        return full
+    wanted = _wanted(text)
+    best, best_count = None, -1
+    for path in font_files():
+        covered = _coverage(path)
+        if covered and len(wanted & covered) > best_count:
+            best, best_count = path, len(wanted & covered)
     return best
 
 

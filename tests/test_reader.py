@@ -22,6 +22,7 @@ from psd_collage.psd.names import HARMONIZED_PREFIX, is_default_name
 from psd_collage.psd.reader import read_collage
 from psd_collage.psd.writer import write_variants
 from psd_collage.settings import LayerOptions, Settings
+from tests import readers
 from tests.psd_builders import Group, Pixels, build_psd, edit_copy
 
 RED, GREEN, BLUE, SKY = (220, 20, 20), (20, 200, 20), (20, 20, 220), (90, 140, 220)
@@ -726,7 +727,7 @@ def test_sample_picnic_reads_as_documented() -> None:
     assert all(layer.steered for layer in collage.layers)
 
 
-@pytest.mark.skipif(shutil.which("identify") is None, reason="ImageMagick absent")
+@pytest.mark.skipif(not readers.imagemagick(), reason=readers.IMAGEMAGICK_MISSING)
 def test_sample_layers_have_alpha_for_imagemagick_too() -> None:
     out = subprocess.run(
         ["identify", "-format", "%[channels] %l\n", str(SAMPLE)],

@@ -22,6 +22,7 @@ from . import masks
 from .atomic import atomic_write
 from .collage import Collage, CollageLayer, to_u8
 from .errors import terminal_safe
+from .prompt_check import PromptCheck
 from .settings import Settings
 
 #: Longest side of a contact-sheet tile, in pixels.
@@ -55,9 +56,16 @@ def layer_noise(collage: Collage, layer: CollageLayer) -> tuple[float, str]:
     return float(layer.noise), layer.noise_source
 
 
-def inspect_data(collage: Collage, settings: Settings | None = None) -> dict[str, Any]:
-    """The ``--json`` object: document, layers back to front, earlier renders, warnings."""
+def inspect_data(
+    collage: Collage, settings: Settings | None = None, check: PromptCheck | None = None
+) -> dict[str, Any]:
+    """The ``--json`` object: document, layers back to front, earlier renders, warnings.
+
+    ``check`` (the model's tokenizers' view, :mod:`psd_collage.prompt_check`) adds the
+    prompt's tokens, the captions past the model's window and their warnings.
+    """
     settings = settings or Settings()
+    check = check or PromptCheck(sampled=collage.final_prompt)
     doc = collage.document
     document: dict[str, Any] = {
         "width": doc.width,
@@ -65,7 +73,8 @@ def inspect_data(collage: Collage, settings: Settings | None = None) -> dict[str
         "color_mode": doc.color_mode,
         "depth": doc.depth,
         "prompt": collage.prompt,
-        "final_prompt": collage.final_prompt,
+        "final_prompt": check.sampled,
+        "tokens": check.as_dict(),
         "negative_prompt": collage.negative_prompt,
         "psb": doc.psb,
         "base": None
@@ -85,7 +94,7 @@ def inspect_data(collage: Collage, settings: Settings | None = None) -> dict[str
                 "visible_area": round(float(layer.visible_area), 6),
                 "locked": layer.locked,
                 "sources": list(layer.sources),
-                "steered": layer.steered,
+                "steered": layer.steered and check.steered(layer.caption),
                 "redo": layer.redo,
                 "ti": layer.uses_ti(settings.ti),
                 "box": list(layer.box),
@@ -99,7 +108,7 @@ def inspect_data(collage: Collage, settings: Settings | None = None) -> dict[str
         "document": document,
         "layers": layers,
         "renders": renders,
-        "warnings": list(collage.warnings),
+        "warnings": [*collage.warnings, *check.warnings],
     }
 
 
@@ -107,19 +116,24 @@ def inspect_data(collage: Collage, settings: Settings | None = None) -> dict[str
 NAME_COLUMNS = 32
 
 
-def format_table(collage: Collage, settings: Settings | None = None) -> str:
+def format_table(
+    collage: Collage, settings: Settings | None = None, check: PromptCheck | None = None
+) -> str:
     """Readable ``inspect`` output: document, prompts, layers, earlier renders, warnings.
 
     Long names wrap inside their column; nothing is cut, so no tag is ever hidden.
-    Control characters in names are escaped.
+    Control characters in names are escaped. ``check`` as in :func:`inspect_data`.
     """
     settings = settings or Settings()
+    check = check or PromptCheck(sampled=collage.final_prompt)
     doc = collage.document
     kind = "PSB" if doc.psb else "PSD"
+    appended = "  (captions it lacks appended)" if check.sampled != collage.prompt else ""
     lines = [
         f"{doc.path.name}: {doc.width} x {doc.height} px, {doc.color_mode} {doc.depth}-bit {kind}",
         f"prompt:   {collage.prompt or '(none)'}",
-        f"sampled:  {collage.final_prompt or '(none)'}  (captions it lacks appended)",
+        f"sampled:  {check.sampled or '(none)'}{appended}",
+        *_token_lines(check, settings.model),
         f"negative: {collage.negative_prompt or '(none)'}",
     ]
     if collage.base is not None:
@@ -140,7 +154,7 @@ def format_table(collage: Collage, settings: Settings | None = None) -> str:
                 f"{layer.visible_area * 100:.1f}%",
                 "yes" if layer.redo else "",
                 "yes" if layer.uses_ti(settings.ti) else "",
-                "yes" if layer.steered else "no",
+                _steered_cell(layer, check),
             ]
         )
     lines.extend(
@@ -155,11 +169,28 @@ def format_table(collage: Collage, settings: Settings | None = None) -> str:
         lines.extend(
             _render_lines(group, collage.renders.get(group)) for group in collage.earlier_groups
         )
-    if collage.warnings:
+    warnings = [*collage.warnings, *check.warnings]
+    if warnings:
         lines.append("")
-        lines.append(f"warnings ({len(collage.warnings)}):")
-        lines.extend(f"  - {warning}" for warning in collage.warnings)
+        lines.append(f"warnings ({len(warnings)}):")
+        lines.extend(f"  - {warning}" for warning in warnings)
     return "\n".join(terminal_safe(line) for line in lines)
+
+
+def _token_lines(check: PromptCheck, model: str) -> list[str]:
+    if check.tokens is None and check.unchecked is None:
+        return []
+    if check.tokens is None:
+        return [f"tokens:   not checked: {check.unchecked}"]
+    if check.limit is not None and check.tokens > check.limit:
+        return [f"tokens:   {check.tokens}, of which --model {model} reads the first {check.limit}"]
+    return [f"tokens:   {check.tokens} (--model {model} reads up to {check.limit})"]
+
+
+def _steered_cell(layer: CollageLayer, check: PromptCheck) -> str:
+    if not layer.steered:
+        return "no"
+    return "yes" if check.steered(layer.caption) else "no (tokens)"
 
 
 def left_by_redo(collage: Collage) -> dict[str, int] | None:

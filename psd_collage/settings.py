@@ -95,6 +95,38 @@ def split_layer_name(name: str) -> tuple[str, str | None]:
     return name[: match.start()].strip(), match.group(1)
 
 
+def bracket_problem(name: str) -> str | None:
+    """Why brackets in a layer name are not read as its tags, or None when they are.
+
+    Only one ``[...]`` block at the very end of a name holds tags; any other bracket
+    stays in the caption, so ``a red circle [noise=0.5`` (unclosed) would silently
+    become caption text with the default noise. The reader warns with this.
+    """
+    caption, block = split_layer_name(name)
+    opened, closed = caption.rfind("["), caption.rfind("]")
+    if opened < 0 and closed < 0:
+        return None
+    if opened > closed:
+        head = caption[:opened].rstrip()
+        example = f", as in {f'{head} [{caption[opened + 1 :].strip()}]'!r}" if head else ""
+        return (
+            f"{caption[opened:]!r} has no closing ']', so it is caption text, not tags: "
+            f"end the tags with ']' at the end of the name{example}"
+        )
+    if opened < 0 or caption.count("]") > caption.count("["):
+        return (
+            "its name has a ']' without an opening '[', so the text around it is caption "
+            "text, not tags: tags go in one [...] block at the end of the name"
+        )
+    piece = caption[opened : closed + 1]
+    rest = f"{caption[:opened].rstrip()} {caption[closed + 1 :].strip()}".strip()
+    inner = ", ".join(part for part in (piece[1:-1].strip(), block) if part)
+    return (
+        f"{piece!r} is not at the end of the name, so it is caption text, not tags: tags go "
+        f"in one [...] block at the end, as in {f'{rest} [{inner}]'!r}"
+    )
+
+
 def parse_tags(block: str, *, layer: str) -> LayerOptions:
     """Parse a tag block (without brackets). Unknown keys and bad values are errors."""
     values: dict[str, Any] = {}

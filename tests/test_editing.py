@@ -277,7 +277,7 @@ def test_output_problems_are_one_line_exit_2(tmp_path):
     ]:
         run = cli(
             "render", str(source), "-o", output, "--model", "tiny", "--variants", "1",
-            "--steps", "1", cwd=tmp_path,
+            "--steps", "2", cwd=tmp_path,  # 1 step at noise 0.6 would warn (before the error)
         )  # fmt: skip
         one_error_line(run, *words)
 

@@ -45,12 +45,10 @@ from transformers import (
 
 from ..errors import ModelError, SettingsError
 from ..settings import SCHEDULERS
+from .catalog import PACKAGED_MODELS, TINY_MODELS
 from .tiny_vocab import build_tiny_tokenizer
 
 T = TypeVar("T")
-TINY_MODELS = {"tiny": "sd1", "tiny-sdxl": "sdxl"}
-#: Trained models shipped inside the package (diffusers folders), by ``--model`` name.
-PACKAGED_MODELS = {"shapes": Path(__file__).resolve().parent.parent / "shapes" / "weights"}
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth"}
 
 #: ``--scheduler`` names -> (diffusers class, config overrides), from the one list in settings.

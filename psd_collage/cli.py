@@ -20,7 +20,7 @@ import click
 from serve.cli import serve
 from watcher.cli import status, watch, worker
 
-from .errors import CollageError, terminal_safe
+from .errors import CollageError, plural, terminal_safe
 from .options import guarded, render_options, setting_option, settings_from_options
 from .settings import SETTINGS, Settings, read_sidecar, sidecar_path
 
@@ -105,7 +105,7 @@ def inspect(file: Path, as_json: bool, sheet: Path | None, **options: Any) -> No
     metavar="GROUP/seed N",
     help="Reproduce one earlier variant: its group's recorded settings and that seed.",
 )
-@click.option("--preview/--no-preview", default=None, help="Also write NAME.preview.png.")
+@setting_option(SETTINGS["preview"])
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file on stdout.")
 @render_options
 @guarded
@@ -170,8 +170,10 @@ def render(
         if as_json:
             click.echo(json.dumps(result.as_dict(), ensure_ascii=False))
         else:
+            count = len(result.variants)
             seeds = ", ".join(str(v["seed"]) for v in result.variants)
-            click.echo(f"{result.output}  ({len(result.variants)} variants, seeds {seeds})")
+            label = "seed" if count == 1 else "seeds"
+            click.echo(f"{result.output}  ({plural(count, 'variant')}, {label} {seeds})")
             if result.preview:
                 click.echo(f"{result.preview}")
     if failures:

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from . import masks
 from .atomic import atomic_write
 from .collage import Collage, CollageLayer, to_u8
-from .errors import terminal_safe
+from .errors import plural, terminal_safe
 from .prompt_check import PromptCheck
 from .settings import Settings
 
@@ -226,10 +226,14 @@ def _render_lines(group: str, record: dict[str, Any] | None) -> str:
     size = "x".join(str(v) for v in record.get("working_size") or []) or "?"
     weights = str(record.get("weights") or "?")[:20]
     return (
-        f"  - {group}: {record.get('model')} ({weights}); {seeds}; {record.get('steps')} steps, "
+        f"  - {group}: {record.get('model')} ({weights}); {seeds}; {_steps(record.get('steps'))}, "
         f"guidance {record.get('guidance')}, {record.get('scheduler')}, {size} px, noise "
         f"{record.get('noise')}; prompt {record.get('final_prompt', record.get('prompt'))!r}"
     )
+
+
+def _steps(steps: Any) -> str:
+    return plural(steps, "step") if isinstance(steps, int) else f"{steps} steps"
 
 
 def _table(

@@ -268,7 +268,7 @@ class SettingSpec:
     multiple_of: int | None = None
     unit: str | None = None  # shown as the option's value name in --help, e.g. PIXELS
     multiple: bool = False  # a list of values (a repeated option, a TOML array)
-    default_text: str | None = None  # what the default means, where it is None
+    default_text: str | None = None  # what the default means (where it is None or empty)
     option: bool = True  # False: no command-line option (the command sets it, or sidecars do)
     sidecar: bool = True  # False: operator-only; a designer's NAME.psd.toml may not set it
     rule: Callable[[Any], Any] | None = None  # one value -> normalised, or ValueError(why)
@@ -303,7 +303,9 @@ class Settings:
     negative: str | None = setting(
         None, "Negative prompt.", default_text="the 'negative' text layer"
     )
-    prompt_suffix: str = setting("", "Appended to the global prompt.", option=False)
+    prompt_suffix: str = setting(
+        "", "Appended to the global prompt (e.g. 'photo, golden hour').", default_text="none"
+    )
     variants: int = setting(4, "How many variants (seeds).", range=(1, 64))
     seed: int | None = setting(
         None,
@@ -350,11 +352,9 @@ class Settings:
     )
     ti: bool = setting(False, "Textual inversion for every captioned layer.")
     ti_steps: int = setting(250, "Textual inversion steps per layer.", range=(1, 100_000))
-    ti_lr: float = setting(4e-4, "Textual inversion learning rate.", option=False)
-    ti_batch: int = setting(4, "Textual inversion batch size.", range=(1, 64), option=False)
-    export_ti: bool = setting(
-        False, "Write the learned tokens to NAME.harmonized.embeddings/.", option=False
-    )
+    ti_lr: float = setting(4e-4, "Textual inversion learning rate.")
+    ti_batch: int = setting(4, "Textual inversion batch size.", range=(1, 64))
+    export_ti: bool = setting(False, "Write the learned tokens to NAME.harmonized.embeddings/.")
     device: str | None = setting(
         None, "cuda, cuda:1, mps or cpu.", default_text="the best available", sidecar=False
     )
@@ -382,8 +382,8 @@ class Settings:
         0.01,
         "Layers covering less of the canvas than this fraction are not steered.",
         range=(0, 1),
-        option=False,
     )
+    # Each command declares --preview itself (watch and serve default to on).
     preview: bool = setting(False, "Also write NAME.preview.png.", option=False)
     lenient: bool = setting(
         False, "Read a layer whose pixel data is damaged with that channel black, not refuse it."

@@ -161,8 +161,14 @@ class _Reader:
         if unnamed:
             names = ", ".join(repr(name) for name in unnamed[:8])
             more = f" and {len(unnamed) - 8} more" if len(unnamed) > 8 else ""
+            if len(unnamed) == 1:
+                self.warnings.append(
+                    f"layer {names} has a default Photoshop name: it stays in the picture but "
+                    "is not steered; rename it to say what it shows"
+                )
+                return
             self.warnings.append(
-                f"{len(unnamed)} layer(s) have a default Photoshop name ({names}{more}): they "
+                f"{len(unnamed)} layers have a default Photoshop name ({names}{more}): they "
                 "stay in the picture but are not steered; rename them to say what they show"
             )
 

@@ -118,3 +118,32 @@ def test_inspect_without_the_models_tokenizer_says_it_did_not_check(long_prompt_
     assert run.returncode == 0, run.stderr
     line = next(line for line in run.stdout.splitlines() if line.startswith("tokens:"))
     assert "not checked" in line and "did you mean --model shapes?" in line
+
+
+@pytest.mark.parametrize("source", ["tiny", "tiny-sdxl", "shapes", "folder", "folder-sdxl", "file", "file-sdxl"])  # fmt: skip
+def test_inspect_reads_the_tokenizers_the_engine_loads(source, tmp_path):
+    """One source of truth: the tokenizers read without weights tokenize exactly as the
+    loaded model's do, for every kind of --model."""
+    from psd_collage.engine.captions import load_tokenizers
+    from psd_collage.engine.models import (
+        build_tiny_components,
+        build_tiny_pipeline,
+        load_components,
+        save_single_file,
+    )
+
+    kind = "sdxl" if source.endswith("sdxl") else "sd1"
+    model = source
+    if source.startswith("folder"):
+        model = str(tmp_path / "model")
+        build_tiny_pipeline(kind).save_pretrained(model)
+    elif source.startswith("file"):
+        model = str(tmp_path / "model.safetensors")
+        save_single_file(build_tiny_components(kind), model)
+    predicted, loaded = load_tokenizers(model), load_components(model).tokenizers
+    assert len(predicted) == len(loaded)
+    text = "a red circle and a blue square on grass at night, a vintage car"
+    for ours, theirs in zip(predicted, loaded, strict=True):
+        assert ours.model_max_length == theirs.model_max_length
+        assert ours(text).input_ids == theirs(text).input_ids
+        assert ours.pad_token == theirs.pad_token

@@ -164,11 +164,17 @@ def insert_before_captions(
 
 
 def _past_limit(tokenizer: CLIPTokenizer, text: str, limit: int) -> str:
-    """The words of ``text`` from the first one that does not fit in ``limit`` tokens on."""
-    for match in re.finditer(r"\S+", text):
-        if len(_ids(tokenizer, text[: match.end()])) > limit:
-            return text[match.start() :]
-    return ""
+    """The words of ``text`` from the first one that does not fit in ``limit`` tokens on
+    (a binary search over the words: the token count grows with the prefix)."""
+    words = list(re.finditer(r"\S+", text))
+    low, high = 0, len(words)  # the answer is the first word whose prefix is too long
+    while low < high:
+        middle = (low + high) // 2
+        if len(_ids(tokenizer, text[: words[middle].end()])) > limit:
+            high = middle
+        else:
+            low = middle + 1
+    return text[words[low].start() :] if low < len(words) else ""
 
 
 def token_limit(tokenizer: CLIPTokenizer) -> int:
@@ -248,9 +254,12 @@ def _single_file_tokenizers(path: Path) -> list[CLIPTokenizer]:
             f"{path}: this checkpoint's tokenizer comes from the Hugging Face cache when it loads"
         )
     tokenizers = []
-    for files in json.loads(metadata["psd_collage.configs"])["tokenizers"]:
-        with tempfile.TemporaryDirectory() as tmp:
-            for file_name, text in files.items():
-                (Path(tmp) / Path(file_name).name).write_text(text, encoding="utf-8")
-            tokenizers.append(CLIPTokenizer.from_pretrained(tmp))
+    try:
+        for files in json.loads(metadata["psd_collage.configs"])["tokenizers"]:
+            with tempfile.TemporaryDirectory() as tmp:
+                for file_name, text in files.items():
+                    (Path(tmp) / Path(file_name).name).write_text(text, encoding="utf-8")
+                tokenizers.append(CLIPTokenizer.from_pretrained(tmp))
+    except (KeyError, TypeError, ValueError, OSError) as error:
+        raise ModelError(f"{path}: its tokenizer cannot be read ({error})") from None
     return tokenizers

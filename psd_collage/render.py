@@ -24,6 +24,7 @@ from .errors import CollageError, SettingsError, TagError
 from .geometry import DocumentSized, composite_up_to, resize_rgb, visible_mask_at
 from .policy import Policy
 from .preview import preview_path, preview_source, write_preview
+from .prompt_check import check_prompt
 from .psd.names import HARMONIZED_PREFIX
 from .settings import LoraSpec, Settings, read_sidecar, sidecar_path, validate_settings
 
@@ -220,20 +221,23 @@ class Renderer:
         like: str | None = None,
         progress: Progress | None = None,
         cancel: Callable[[], bool] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> RenderResult:
         """Render one file. The input is never modified unless ``in_place``.
 
         An existing output is refused unless ``overwrite`` (see :func:`resolve_output`);
         ``like="GROUP/seed N"`` reproduces that earlier variant (:func:`like_settings`).
         Data flows one way: read the collage, learn its textual-inversion tokens, plan
-        the request with them, generate, write.
+        the request with them, generate, write. ``warn(text)`` hears each warning as soon
+        as it is known, before sampling for all that ``inspect`` predicts (the document's,
+        the prompt's tokens, captions that will not be steered); the result has them all.
         """
         from .psd.header import document_size
         from .psd.reader import read_collage
 
         path = Path(path)
         output_path = resolve_output(path, output, in_place=in_place, overwrite=overwrite)
-        job = _Job(path, output_path, progress, cancel)
+        job = _Job(path, output_path, progress, cancel, warn)
         with _timed(job.timings, "read"):
             settings = self.settings_for(path, sidecar, like=like)
             if preview is not None:
@@ -242,6 +246,7 @@ class Renderer:
                 self.policy.check_canvas(document_size(path), settings.max_pixels, path=path)
             collage = read_collage(path, settings)
             check_canny(collage, settings)
+        job.warn(collage.warnings)
         with _timed(job.timings, "load"):
             job.notify("load", 0, 1)
             engine = self.engine_for(settings)
@@ -252,7 +257,9 @@ class Renderer:
             self.policy.check_working_resolution(engine.native_resolution, path=path)
         noise = changeable_noise(collage)
         work_size = engine.working_size(collage.document.size, settings.resolution)
+        job.warn([*collage.warnings, *check_prompt(collage, engine.components.tokenizers).warnings])
         tokens = self._learn_tokens(engine, collage, settings, work_size, job)
+        job.warn(collage.warnings)  # layers that cannot learn a token
         plan = plan_render(collage, settings, work_size, noise, tokens, engine.insert_tokens)
         seed = settings.seed if settings.seed is not None else random.randrange(SEED_RANGE)
         request = plan.request(collage.negative_prompt, seed, settings)
@@ -260,7 +267,8 @@ class Renderer:
             request, progress=lambda done, total: job.notify("sample", done, total), cancel=cancel
         )
         job.timings.update(result.timings)
-        negative, warnings = collage.negative_prompt, collage.warnings + list(result.warnings)
+        job.warn(result.warnings)  # what only sampling found (e.g. a noise too low for the steps)
+        negative = collage.negative_prompt
         output = _WriteInputs.of(collage, plan, settings)
         output.record = render_record(
             collage, settings, engine, request.seeds, result.prompt, work_size
@@ -277,7 +285,7 @@ class Renderer:
             variants=[{"seed": s, "layer": _variant_name(s)} for s in request.seeds],
             settings=used,
             timings=job.timings,
-            warnings=warnings,
+            warnings=list(job.warned),
             embeddings=job.embeddings,
         )
 
@@ -358,12 +366,23 @@ class _Job:
     output: Path
     progress: Progress | None
     cancel: Callable[[], bool] | None
+    on_warning: Callable[[str], None] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     embeddings: Path | None = None
+    warned: list[str] = field(default_factory=list)  # every warning once, in order
 
     def notify(self, phase: str, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(phase, done, total)
+
+    def warn(self, warnings: Sequence[str]) -> None:
+        """Hand on the warnings not given yet (each is given once, as soon as it is known)."""
+        for warning in warnings:
+            if warning in self.warned:
+                continue
+            self.warned.append(warning)
+            if self.on_warning is not None:
+                self.on_warning(warning)
 
 
 @dataclass

@@ -45,12 +45,10 @@ from transformers import (
 
 from ..errors import ModelError, SettingsError
 from ..settings import SCHEDULERS
+from .catalog import PACKAGED_MODELS, TINY_MODELS, typo_of_known_name
 from .tiny_vocab import build_tiny_tokenizer
 
 T = TypeVar("T")
-TINY_MODELS = {"tiny": "sd1", "tiny-sdxl": "sdxl"}
-#: Trained models shipped inside the package (diffusers folders), by ``--model`` name.
-PACKAGED_MODELS = {"shapes": Path(__file__).resolve().parent.parent / "shapes" / "weights"}
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth"}
 
 #: ``--scheduler`` names -> (diffusers class, config overrides), from the one list in settings.
@@ -795,6 +793,8 @@ def load_components(
                 "checkpoint or a diffusers folder"
             )
         return _load_single_file(path, dtype)
+    if typo := typo_of_known_name(model):
+        raise ModelError(typo)
     looks_like_path = model.startswith((".", "/", "~", "\\")) or model.count("/") > 1
     if suffix in PICKLE_SUFFIXES | {".safetensors"} or looks_like_path:
         raise ModelError(f"model file or folder {model!r} does not exist")

@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..errors import Cancelled
+from ..errors import Cancelled, plural
 from .attention import SteeringState, sigma_weight
 from .controlnet import ControlInputs
 
@@ -92,7 +92,7 @@ def too_few_steps(steps: int, max_strength: float) -> str:
     without a word."""
     needed = math.ceil(1.0 / max_strength - 1e-4)
     return (
-        f"the highest noise ({max_strength:.2f}) at {steps} steps runs no sampling step, so "
+        f"the highest noise ({max_strength:.2f}) at {plural(steps, 'step')} runs no sampling step, so "
         f"the picture comes back unchanged: use at least {needed} steps or more noise"
     )
 

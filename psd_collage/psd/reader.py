@@ -22,7 +22,7 @@ from psd_tools.constants import Resource
 from .. import masks
 from ..collage import BaseImage, Collage, CollageLayer, DocumentInfo
 from ..errors import SettingsError, TagError, UnsupportedDocument
-from ..settings import LayerOptions, Settings, parse_tags, split_layer_name
+from ..settings import LayerOptions, Settings, bracket_problem, parse_tags, split_layer_name
 from . import color
 from .boundary import diagnostics_as_warnings, psd_tools_errors, quiet_psd_tools
 from .composite import Compositor
@@ -161,8 +161,14 @@ class _Reader:
         if unnamed:
             names = ", ".join(repr(name) for name in unnamed[:8])
             more = f" and {len(unnamed) - 8} more" if len(unnamed) > 8 else ""
+            if len(unnamed) == 1:
+                self.warnings.append(
+                    f"layer {names} has a default Photoshop name: it stays in the picture but "
+                    "is not steered; rename it to say what it shows"
+                )
+                return
             self.warnings.append(
-                f"{len(unnamed)} layer(s) have a default Photoshop name ({names}{more}): they "
+                f"{len(unnamed)} layers have a default Photoshop name ({names}{more}): they "
                 "stay in the picture but are not steered; rename them to say what they show"
             )
 
@@ -232,6 +238,8 @@ class _Reader:
             if isinstance(layer, AdjustmentLayer):
                 continue  # changes the composite below it, never a collage layer
             caption, options, tags, noise_source = self._options(layer, inherited)
+            if collect and (problem := bracket_problem(layer.name)):
+                self.warnings.append(f"layer {layer.name!r}: {problem}")
             if options.skip:
                 self.excluded.add(id(layer))
                 continue

@@ -10,12 +10,14 @@ steered because they fall past that window.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .collage import Collage
 from .errors import ModelError
+
+if TYPE_CHECKING:  # no torch, no tokenizers at import: inspect stays light
+    from .engine.captions import PromptReader
 
 
 @dataclass(frozen=True)
@@ -42,18 +44,17 @@ class PromptCheck:
         }
 
 
-def check_prompt(collage: Collage, tokenizers: Sequence[Any]) -> PromptCheck:
-    """What sampling will do with ``collage``'s prompt and captions, with these tokenizers
-    (the engine's, or :func:`~psd_collage.engine.captions.load_tokenizers`')."""
-    from .engine.captions import count_tokens, locate_captions, token_limit
-
+def check_prompt(collage: Collage, reader: PromptReader) -> PromptCheck:
+    """What sampling will do with ``collage``'s prompt and captions, read as ``reader``
+    reads them (the engine's :meth:`~psd_collage.engine.api.Engine.prompt_reader`, or one
+    from the model's tokenizers alone)."""
     captions = [layer.caption for layer in collage.layers if layer.steered]
-    sampled, spans, warnings = locate_captions(tokenizers, collage.final_prompt, captions)
-    missed = {c for c, span in zip(captions, spans, strict=True) if span is None}
+    sampled, places, warnings = reader.locate(collage.final_prompt, captions)
+    missed = {c for c, place in zip(captions, places, strict=True) if place is None}
     return PromptCheck(
         sampled=sampled,
-        tokens=count_tokens(tokenizers[0], sampled),
-        limit=token_limit(tokenizers[0]),
+        tokens=reader.count(sampled),
+        limit=reader.limit,
         unsteered=frozenset(missed),
         warnings=warnings,
     )
@@ -62,10 +63,10 @@ def check_prompt(collage: Collage, tokenizers: Sequence[Any]) -> PromptCheck:
 def check_prompt_for_model(collage: Collage, model: str) -> PromptCheck:
     """:func:`check_prompt` with ``model``'s tokenizers, read without its weights; where
     they are not to be had here, a check that says why it could not look."""
-    from .engine.captions import load_tokenizers
+    from .engine.captions import clip_reader, load_tokenizers
 
     try:
         tokenizers = load_tokenizers(model)
     except ModelError as exc:
         return PromptCheck(sampled=collage.final_prompt, unchecked=str(exc))
-    return check_prompt(collage, tokenizers)
+    return check_prompt(collage, clip_reader(tokenizers))

@@ -257,7 +257,7 @@ class Renderer:
             self.policy.check_working_resolution(engine.native_resolution, path=path)
         noise = changeable_noise(collage)
         work_size = engine.working_size(collage.document.size, settings.resolution)
-        job.warn([*collage.warnings, *check_prompt(collage, engine.components.tokenizers).warnings])
+        job.warn([*collage.warnings, *check_prompt(collage, engine.prompt_reader()).warnings])
         tokens = self._learn_tokens(engine, collage, settings, work_size, job)
         job.warn(collage.warnings)  # layers that cannot learn a token
         plan = plan_render(collage, settings, work_size, noise, tokens, engine.insert_tokens)

@@ -147,3 +147,41 @@ def test_inspect_reads_the_tokenizers_the_engine_loads(source, tmp_path):
         assert ours.model_max_length == theirs.model_max_length
         assert ours(text).input_ids == theirs(text).input_ids
         assert ours.pad_token == theirs.pad_token
+
+
+def test_flux_warnings_come_from_its_t5_window_before_sampling(tmp_path):
+    """Flux steers its T5 tokens: the render's early check reads the prompt as the flow
+    engine does (32 T5 tokens for tiny-flux), not with a CLIP window; inspect, which has no
+    T5 tokenizer without the model, says it did not check instead of guessing."""
+    words = ", ".join(["a red circle on grass at night"] * 8)
+    psd = build_psd(
+        tmp_path / "flux.psd",
+        [
+            Pixels("grass at night [noise=0.3]", (0, 0, 64, 64), (20, 60, 30)),
+            Pixels("a red circle", (4, 4, 24, 24), (220, 20, 20)),
+            Pixels("a yellow triangle", (8, 36, 30, 60), (230, 220, 20)),
+        ],
+        size=(64, 64),
+        description=words,
+    )
+    events: list[tuple[str, str]] = []
+    renderer = Renderer(overrides={"model": "tiny-flux", "steps": 2, "variants": 1, "seed": 1})
+    renderer.render_file(
+        psd,
+        tmp_path / "out.psd",
+        progress=lambda phase, done, total: events.append(("progress", phase)),
+        warn=lambda text: events.append(("warning", text)),
+    )
+    early = events[: events.index(("progress", "sample"))]
+    assert any(
+        kind == "warning" and "'a yellow triangle'" in text and "32-token T5 window" in text
+        for kind, text in early
+    )
+    line = next(
+        line
+        for line in cli(
+            "inspect", str(psd), "--model", "tiny-flux", cwd=tmp_path
+        ).stdout.splitlines()
+        if line.startswith("tokens:")
+    )
+    assert "not checked" in line and "Flux or SD3" in line

@@ -20,6 +20,7 @@ from diffusers import ControlNetModel
 from ..errors import SettingsError
 from ..settings import EngineOptions
 from .attention import AttentionRecorder, SteeringState, install_processors
+from .captions import PromptReader, clip_reader
 from .controlnet import ControlInputs, canny_edges, check_fits
 from .lora import LoadedLora, Originals, fuse_loras, unfuse_loras
 from .models import (
@@ -198,6 +199,10 @@ class Engine:
         if loras:
             self._lora_originals = fuse_loras(self.components, loras)
             self._loras = wanted
+
+    def prompt_reader(self) -> PromptReader:
+        """How this model reads a prompt: the render predicts steering with it before sampling."""
+        return clip_reader(self.components.tokenizers)
 
     def insert_tokens(self, prompt: str, tokens: dict[str, str]) -> str:
         """``prompt`` with each learned token before its caption, where steering locates it."""

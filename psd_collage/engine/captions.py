@@ -16,14 +16,23 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from transformers import CLIPTokenizer
 
 from ..errors import ModelError
-from .catalog import PACKAGED_MODELS, TINY_MODELS, in_hub_cache, typo_of_known_name
+from .catalog import (
+    PACKAGED_MODELS,
+    TINY_FLOW_MODELS,
+    TINY_MODELS,
+    flow_family_of,
+    in_hub_cache,
+    typo_of_known_name,
+)
 from .tiny_vocab import build_tiny_tokenizer
 
 
@@ -71,6 +80,15 @@ def _assign(prompt_ids: list[int], captions: list[list[int]]) -> list[int | None
                 starts[i] = start
                 break
     return starts
+
+
+def caption_starts(
+    prompt_ids: Sequence[int], captions: Sequence[Sequence[int]]
+) -> list[int | None]:
+    """Where each caption's token ids start in ``prompt_ids`` (longest captions first, no
+    shared tokens; None: not found). The transformer families locate captions in their T5
+    tokens with it."""
+    return _assign(list(prompt_ids), [list(ids) for ids in captions])
 
 
 def _append(prompt: str, caption: str) -> str:
@@ -187,6 +205,27 @@ def count_tokens(tokenizer: CLIPTokenizer, text: str) -> int:
     return len(_ids(tokenizer, text))
 
 
+@dataclass(frozen=True)
+class PromptReader:
+    """How one model reads a prompt: where its captions land (``locate``: the prompt with
+    missing captions appended, each caption's place or None, warnings) and how many tokens
+    it takes in. The engine steers with it; ``inspect`` and the render's early warnings
+    predict with the same one, so the two cannot disagree."""
+
+    locate: Callable[[str, Sequence[str | None]], tuple[str, list[Any], list[str]]]
+    count: Callable[[str], int]
+    limit: int
+
+
+def clip_reader(tokenizers: Sequence[CLIPTokenizer]) -> PromptReader:
+    """The reader of the UNet families (SD 1.x/2.x: one CLIP tokenizer; SDXL: two)."""
+    return PromptReader(
+        partial(locate_captions, tokenizers),
+        partial(count_tokens, tokenizers[0]),
+        token_limit(tokenizers[0]),
+    )
+
+
 # ---------------------------------------------------------------------------
 # A model's tokenizers without its weights
 # ---------------------------------------------------------------------------
@@ -195,6 +234,8 @@ def count_tokens(tokenizer: CLIPTokenizer, text: str) -> int:
 def load_tokenizers(model: str) -> list[CLIPTokenizer]:
     """``model``'s tokenizers, resolved as :func:`~.models.load_components` resolves the name,
     without reading any weight; a :class:`ModelError` saying why when they are not here."""
+    if model in TINY_FLOW_MODELS:
+        raise ModelError(_FLOW_UNCHECKED)
     if model in TINY_MODELS:
         first = build_tiny_tokenizer()
         return (
@@ -230,7 +271,14 @@ def _folder_tokenizers(folder: Path) -> list[CLIPTokenizer]:
         raise ModelError(f"{folder}: its tokenizer cannot be read ({error})") from None
 
 
+#: Flux/SD3 read the prompt with T5 too, whose tokenizer needs the model's own code: the
+#: render checks such a prompt once the model is loaded, before it samples.
+_FLOW_UNCHECKED = "a Flux or SD3 model: its prompt is checked when render loads the model"
+
+
 def _diffusers_tokenizers(source: str, index: dict) -> list[CLIPTokenizer]:
+    if flow_family_of(index):
+        raise ModelError(_FLOW_UNCHECKED)
     names = ["tokenizer"]
     if (index.get("tokenizer_2") or [None])[0] is not None:
         names.append("tokenizer_2")

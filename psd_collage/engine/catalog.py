@@ -8,13 +8,23 @@ from pathlib import Path
 
 #: Small random-weight models built offline (tests, every code path; pictures are noise).
 TINY_MODELS = {"tiny": "sd1", "tiny-sdxl": "sdxl"}
+#: The same for the flow-matching transformer families (:mod:`.flow_models`).
+TINY_FLOW_MODELS = {"tiny-flux": "flux", "tiny-sd3": "sd3"}
+#: Diffusers pipeline class-name prefixes of the flow families (model_index.json).
+FLOW_PIPELINES = {"Flux": "flux", "StableDiffusion3": "sd3"}
 #: Trained models shipped inside the package (diffusers folders), by ``--model`` name.
 PACKAGED_MODELS = {"shapes": Path(__file__).resolve().parent.parent / "shapes" / "weights"}
 
 
+def flow_family_of(index: dict) -> str | None:
+    """``flux`` / ``sd3`` when a diffusers ``model_index.json`` is such a pipeline, else None."""
+    name = str(index.get("_class_name", ""))
+    return next((fam for prefix, fam in FLOW_PIPELINES.items() if name.startswith(prefix)), None)
+
+
 def known_names() -> list[str]:
     """Every model name that needs no path, hub id or download."""
-    return [*PACKAGED_MODELS, *TINY_MODELS]
+    return [*PACKAGED_MODELS, *TINY_MODELS, *TINY_FLOW_MODELS]
 
 
 def closest_name(name: str) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from ..errors import Cancelled, SettingsError
 from ..settings import SETTINGS, EngineOptions
 from .api import Engine, GenerationRequest, GenerationResult, validate_request
 from .attention import sigma_weight
+from .captions import PromptReader, caption_starts, locate_captions
 from .flow_models import FlowComponents
 from .joint_attention import JointSteeringState, install_joint_processors
 from .models import weights_digest
@@ -35,7 +37,6 @@ from .sampler import (
     strength_to_latents,
     too_few_steps,
 )
-from .tokens import caption_starts, locate_captions
 
 #: The highest VE-equivalent sigma steering is evaluated at (Stable Diffusion's sigma_max):
 #: f(sigma) grows without bound as a flow-matching sigma reaches 1.
@@ -234,6 +235,16 @@ class FlowEngine(Engine):
             raise SettingsError(
                 f"--controlnet is not supported for {self.kind} models: remove it and the canny tags"
             )
+
+    def prompt_reader(self) -> PromptReader:
+        """Captions are found where this family steers them (Flux: T5; SD3: CLIP and T5);
+        the T5 window (less its end token) is what the model reads."""
+        t5 = self.components.tokenizers[-1]
+        return PromptReader(
+            partial(locate_flow_captions, self.components),
+            lambda text: len(_token_ids(t5, text)),
+            self.components.max_sequence_length - 1,
+        )
 
     def insert_tokens(self, prompt: str, tokens: dict[str, str]) -> str:
         raise SettingsError(

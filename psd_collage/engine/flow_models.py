@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from ..errors import ModelError, SettingsError
+from .catalog import TINY_FLOW_MODELS, flow_family_of
 from .models import (
     SINGLE_FILE_LAYOUT,
     checkpoint_type,
@@ -46,11 +47,7 @@ from .models import (
 )
 from .tiny_vocab import WORDS, build_tiny_tokenizer
 
-#: ``--model`` names of the tiny random-weight transformer models, and their family.
-TINY_FLOW_MODELS = {"tiny-flux": "flux", "tiny-sd3": "sd3"}
 FLOW_KINDS = ("flux", "sd3")
-#: diffusers pipeline class names (model_index.json ``_class_name``) -> family.
-_PIPELINE_FAMILY = {"Flux": "flux", "StableDiffusion3": "sd3"}
 #: diffusers' single-file model types -> family.
 _SINGLE_FILE_FAMILY = {
     "flux-dev": "flux",
@@ -315,13 +312,9 @@ def _hub_index(repo_id: str) -> Path | None:
 
 def _index_family(index: Path) -> str | None:
     try:
-        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-    except (OSError, ValueError):
+        return flow_family_of(json.loads(index.read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError):
         return None
-    for prefix, family in _PIPELINE_FAMILY.items():
-        if name.startswith(prefix):
-            return family
-    return None
 
 
 def _file_family(path: Path) -> str | None:

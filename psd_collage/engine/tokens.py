@@ -80,12 +80,3 @@ def encode_prompt(
         assert result.pooled is not None
         result = PromptEmbeddings(torch.zeros_like(result.hidden), torch.zeros_like(result.pooled))
     return result
-
-
-def caption_starts(
-    prompt_ids: Sequence[int], captions: Sequence[Sequence[int]]
-) -> list[int | None]:
-    """Where each caption's token ids start in ``prompt_ids`` (longest captions first, no
-    shared tokens; None: not found). The transformer families locate captions in their T5
-    tokens with it."""
-    return _assign(list(prompt_ids), [list(ids) for ids in captions])

@@ -30,7 +30,7 @@ import tomli_w
 from psd_collage.atomic import atomic_write, atomic_write_text
 from psd_collage.errors import CollageError
 from psd_collage.settings import validate_settings
-from watcher.layout import Layout, is_document, numbered, sidecar_name
+from watcher.layout import Layout, is_document, numbered, sidecar_name, upload_name
 
 #: The API's job states (a job of the hot folder is in exactly one).
 STATES = ("queued", "running", "done", "failed")
@@ -107,7 +107,7 @@ def safe_name(filename: str) -> str:
         raise ApiError(
             400, f"{filename!r} is not a .psd or .psb file name: upload a Photoshop document"
         )
-    return name
+    return upload_name(name)
 
 
 def _ts(value: Any) -> float | None:

@@ -54,7 +54,7 @@ from psd_collage.policy import Policy
 
 from .execute import render_outcome
 from .jobs import MAX_ATTEMPTS, OUT_DIR, failure_report
-from .layout import Layout, sidecar_name
+from .layout import Layout, output_name, sidecar_in
 
 log = logging.getLogger("psd_collage.worker")
 
@@ -316,14 +316,14 @@ def _render(state: WorkerState, task: Task, folder: Path, name: str, attempt: in
         for leftover in out.iterdir():  # a killed attempt's temporary files
             leftover.unlink()
     out.mkdir(exist_ok=True)
-    sidecar = folder / sidecar_name(name)
+    sidecar = sidecar_in(folder, name)
     outcome = render_outcome(
         state.renderer,
         name=name,
         job_id=folder.name,
         input=folder / name,
-        output=out / name,
-        sidecar=sidecar if sidecar.exists() else None,
+        output=out / output_name(name),
+        sidecar=sidecar,
         progress=progress,
         stop=lambda: False,
         deadline=state.config.policy.deadline(),

@@ -35,7 +35,17 @@ from typing import Any
 from psd_collage.atomic import atomic_write_text
 from psd_collage.errors import CollageError
 
-from .layout import Layout, free_stem, is_document, numbered, sidecar_name
+from .layout import (
+    Layout,
+    fits,
+    free_stem,
+    is_dropped,
+    numbered,
+    output_name,
+    output_stem,
+    sidecar_in,
+    sidecar_name,
+)
 
 log = logging.getLogger("psd_collage.watch")
 
@@ -97,13 +107,12 @@ class Job:
 
     @property
     def sidecar(self) -> Path | None:
-        path = self.folder / sidecar_name(self.name)
-        return path if path.exists() else None
+        return sidecar_in(self.folder, self.name)
 
     @property
     def output(self) -> Path:
         """Where the renderer writes (inside the job folder: nothing partial reaches done/)."""
-        return self.folder / OUT_DIR / self.name
+        return self.folder / OUT_DIR / output_name(self.name)
 
     @property
     def stage(self) -> str:
@@ -173,7 +182,7 @@ class Job:
         self.save()
 
     def _plan(self, plan: list[tuple[Path, Path, str, bool]]) -> None:
-        stem = Path(self.name).stem
+        stem = output_stem(self.name)
         chosen = free_stem(stem, [(folder, sfx) for _, folder, sfx, _ in plan])
         number = _number_of(chosen, stem)
         self.state["moves"] = [
@@ -195,7 +204,7 @@ class Job:
         """
         if self.stage not in ("done", "failed"):
             raise RuntimeError(f"job {self.id} has no outcome yet")
-        root, stem = self.layout.root, Path(self.name).stem
+        root, stem = self.layout.root, output_stem(self.name)
         index = 0
         while index < len(self.state["moves"]):
             move = Move(**self.state["moves"][index])
@@ -222,7 +231,7 @@ class Job:
     def _replan_from(self, index: int) -> None:
         moves = [Move(**m) for m in self.state["moves"]]
         rest = moves[index:]
-        stem = Path(self.name).stem
+        stem = output_stem(self.name)
         targets = [(self.layout.root / m.folder, m.suffix) for m in rest]
         number = _number_of(free_stem(stem, targets, start=rest[0].number + 1), stem)
         for m in rest:
@@ -300,7 +309,7 @@ def open_job(layout: Layout, folder: Path) -> Job | None:
                 with contextlib.suppress(OSError):
                     folder.rmdir()
             return None
-        if not (STATE_NAME in entries or any(is_document(e) for e in entries)):
+        if not (STATE_NAME in entries or any(_is_input(e) for e in entries)):
             return None
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -313,7 +322,7 @@ def open_job(layout: Layout, folder: Path) -> Job | None:
         os.close(fd)
         return None
     state = _read_state(folder / STATE_NAME)
-    documents = [e for e in entries if is_document(e)]
+    documents = [e for e in entries if _is_input(e)]
     if state is None:
         if not documents:
             # Nothing to carry on: a finished job whose clean-up was interrupted.
@@ -406,8 +415,19 @@ def _number_of(chosen: str, stem: str) -> int:
 
 
 def _claim_sidecar(layout: Layout, folder: Path, name: str) -> None:
+    if not fits(sidecar_name(name)):
+        return  # no sidecar can have this name
     with contextlib.suppress(FileNotFoundError):
         os.rename(layout.inbox / sidecar_name(name), folder / sidecar_name(name))
+
+
+#: What a job folder holds besides the dropped file itself.
+_JOB_FILES = (LOCK_NAME, STATE_NAME, ERROR_NAME, OUT_DIR, "result.json", "render.json")
+
+
+def _is_input(entry: str) -> bool:
+    """The dropped file in a job folder (a PSD, or any other file that is to fail)."""
+    return entry not in _JOB_FILES and is_dropped(entry)
 
 
 def _abandon(folder: Path, fd: int) -> None:

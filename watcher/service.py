@@ -180,7 +180,7 @@ class WatchService:
                 if self._step():
                     continue
                 if self.options.once and self._nothing_left():
-                    log.info("inbox is empty: done (--once)")
+                    self._report_leftovers()
                     break
                 self._sleep()
             return 0
@@ -222,7 +222,7 @@ class WatchService:
             self.tracker.scan(now)
             self._last_inbox_scan = now
             for name in self.tracker.newly_ignored:
-                log.info("ignoring %s: not a .psd or .psb file", name)
+                log.info("leaving %s in inbox/: %s", name, self.tracker.waiting.get(name, ""))
             for name, why in self.tracker.newly_refused:
                 log.warning("leaving %s alone in inbox/: %s", name, why)
             self.tracker.newly_refused.clear()
@@ -288,6 +288,36 @@ class WatchService:
             for c in self.tracker.candidates.values()
         )
 
+    def leftovers(self) -> list[tuple[str, str]]:
+        """What stays in inbox/ (and work/) and why: the answer of ``watch --once``."""
+        left = [
+            (
+                c.name,
+                f"incomplete ({c.header_error.detail if c.header_error else 'still changing'})"
+                "; it is taken once the copy completes, or copy it again",
+            )
+            for c in self.tracker.candidates.values()
+        ]
+        left += [
+            (name, "its claim failed; see the error above")
+            for name in self._unclaimable
+            if name in self.tracker.candidates
+        ]
+        left += list(self.tracker.refused.items()) + list(self.tracker.waiting.items())
+        left += [
+            (f"work/{name}", "a job that could not be carried on") for name in self._skip_folders
+        ]
+        return sorted(dict(left).items())
+
+    def _report_leftovers(self) -> None:
+        left = self.leftovers()
+        if not left:
+            log.info("done (--once): inbox/ is empty")
+            return
+        log.warning("done (--once): %d left in inbox/:", len(left))
+        for name, why in left:
+            log.warning("  %s: %s", name, why)
+
     def _sleep(self) -> None:
         now = time.monotonic()
         waits = [
@@ -322,6 +352,10 @@ class WatchService:
             }
             for c in self.tracker.candidates.values()
             if c.name not in ready_names
+        ]
+        self.board.waiting += [
+            {"name": name, "reason": why}
+            for name, why in sorted({**self.tracker.refused, **self.tracker.waiting}.items())
         ]
         after = [q["name"] for q in self.board.queued], [w["name"] for w in self.board.waiting]
         self.board.write(force=after != before)

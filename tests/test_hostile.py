@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 from test_watcher import fake_psd, make_psd, make_service
 
 from watcher.jobs import pending_jobs
@@ -150,3 +152,141 @@ def test_a_sidecar_naming_a_missing_lora_or_controlnet_fails_only_that_job(
     assert "LoRA file does not exist" in poison and str(tmp_path) not in poison
     assert "ControlNet" in (layout.failed / "canny.error.txt").read_text().splitlines()[0]
     assert pending_jobs(layout) == []
+
+
+# ---------------------------------------------------------------------------
+# memory: declared boxes are checked before anything is decoded or allocated
+# ---------------------------------------------------------------------------
+
+
+def zip_layer_psd(path: Path, canvas: int, side: int) -> Path:
+    """A ``canvas``-square RGB document with one ``side``-square opaque white ZIP layer.
+
+    Written by hand (psd-tools would need the whole layer in memory to write it): the
+    zlib stream is made in 1 MB pieces, so a 13000 px layer is a 700 KB file.
+    """
+    import struct
+    import zlib
+
+    squeeze = zlib.compressobj(9)
+    zero_rows = b"\xff" * (1 << 20)
+    left = side * side
+    pieces = []
+    while left:
+        n = min(left, len(zero_rows))
+        pieces.append(squeeze.compress(zero_rows[:n]))
+        left -= n
+    channel = b"\x00\x02" + b"".join(pieces) + squeeze.flush()  # compression 2: ZIP
+    channels = (-1, 0, 1, 2)
+    name = b"\x04bomb" + b"\x00" * 3  # Pascal string padded to 4 bytes
+    record = struct.pack(">4iH", 0, 0, side, side, len(channels))
+    record += b"".join(struct.pack(">hI", c, len(channel)) for c in channels)
+    record += b"8BIMnorm" + bytes([255, 0, 0, 0])
+    extra = struct.pack(">II", 0, 0) + name
+    record += struct.pack(">I", len(extra)) + extra
+    info = struct.pack(">h", 1) + record + channel * len(channels)
+    info += b"\x00" * (len(info) % 2)
+    layers = struct.pack(">I", len(info)) + info + struct.pack(">I", 0)
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, canvas, canvas, 8, 3)
+    merged = b"\x00\x00" + bytes(3 * canvas * canvas)  # raw
+    body = header + struct.pack(">I", 0) + struct.pack(">I", 0)
+    body += struct.pack(">I", len(layers)) + layers + merged
+    path.write_bytes(body)
+    return path
+
+
+def peak_rss_mb(*args: str) -> tuple[float, subprocess.CompletedProcess]:
+    """Run ``psd-collage ARGS``; (its peak resident memory in MB, the finished run)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "psd_collage.cli", *args], stdout=out, stderr=err
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(
+            args, proc.returncode, out.read().decode(), err.read().decode()
+        )
+    return usage.ru_maxrss / 1024, done
+
+
+#: Peak memory (MB) allowed for reading a bomb: it must be refused or clipped before any
+#: big allocation, so it costs what reading a 64 px document costs (about 110 MB).
+READ_BUDGET_MB = 300
+
+
+def test_a_huge_zip_layer_on_a_small_canvas_is_refused_before_decoding(tmp_path: Path) -> None:
+    bomb = zip_layer_psd(tmp_path / "bomb.psd", 64, 13000)
+    assert bomb.stat().st_size < 1024**2  # 670 KB on disk, 169 megapixels declared
+    tiny = ("--model", "tiny", "--steps", "2", "--variants", "1")
+    rss, run = peak_rss_mb("render", str(bomb), *tiny, "--max-pixels", "10000")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    error = run.stderr.strip().splitlines()[-1]
+    assert "the layer 'bomb' is 13000 x 13000 px" in error
+    assert "max_pixels=10000 (the operator's setting, --max-pixels)" in error
+    assert rss < READ_BUDGET_MB, f"{rss:.0f} MB"
+    rss, run = peak_rss_mb("inspect", str(bomb))  # the default limit refuses it too
+    assert run.returncode == 2 and rss < READ_BUDGET_MB, f"{rss:.0f} MB"
+
+
+def redo_with_recorded_box(folder: Path, box: list) -> Path:
+    """An edit whose [redo] layer's recorded old box is ``box`` (as a hand-edited XMP says)."""
+    from psd_builders import Pixels, build_psd
+    from psd_tools import PSDImage
+
+    from psd_collage.psd.reader import read_collage
+    from psd_collage.psd.writer import write_variants
+
+    source = build_psd(
+        folder / "src.psd",
+        [
+            Pixels("a green lawn", (0, 0, 64, 64), (60, 160, 60)),
+            Pixels("a white cup", (8, 8, 24, 24), (240, 240, 240)),
+        ],
+        size=(64, 64),
+    )
+    ids = [layer.layer_id for layer in read_collage(source).layers]
+    base = folder / "base.psd"
+    variant = [np.zeros((64, 64, 3), np.float32)]
+    record = {"layers": [{"id": i, "box": box} for i in ids]}
+    write_variants(source, base, variant, ["seed 1"], "[harmonized] g", record=record)
+    psd = PSDImage.open(base)
+    cup = next(layer for layer in psd.descendants() if layer.name == "a white cup")
+    cup.name = "a white cup [redo]"
+    psd.save(folder / "edited.psd")
+    return folder / "edited.psd"
+
+
+def test_a_huge_recorded_redo_box_is_clipped_to_the_canvas_before_allocating(
+    tmp_path: Path,
+) -> None:
+    edited = redo_with_recorded_box(tmp_path, [0, 0, 30000, 30000])  # 3.6 GB as float32
+    rss, run = peak_rss_mb("inspect", str(edited), "--json")
+    assert run.returncode == 0, run.stderr
+    assert rss < READ_BUDGET_MB, f"{rss:.0f} MB"
+    left = json.loads(run.stdout)["document"]["left_by_redo"]
+    assert left["pixels"] == 64 * 64 - 16 * 16  # the whole canvas but where the cup is now
+
+    huge = redo_with_recorded_box(tmp_path, [0, 0, 10**6, 10**6])  # was a MemoryError
+    rss, run = peak_rss_mb("inspect", str(huge))
+    assert run.returncode == 0 and rss < READ_BUDGET_MB, (run.stderr, rss)
+    junk = redo_with_recorded_box(tmp_path, ["a", None, 1e300, {}])  # hand-edited nonsense
+    _, run = peak_rss_mb("inspect", str(junk))
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+
+
+def test_the_canvas_limit_message_names_the_operators_setting_not_a_sidecar(
+    tmp_path: Path,
+) -> None:
+    from psd_collage.errors import CollageError
+    from psd_collage.psd.header import check_header
+
+    path = zip_layer_psd(tmp_path / "wide.psd", 200, 8)
+    with pytest.raises(CollageError) as caught:
+        check_header(path, max_pixels=10000)
+    message = str(caught.value)
+    assert "sidecar" not in message  # sidecars may not set max_pixels
+    assert "max_pixels in collage.toml [policy]" in message and "--max-pixels" in message

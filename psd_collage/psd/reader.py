@@ -64,6 +64,7 @@ def read_collage(path: str | Path, settings: Settings = _DEFAULT_SETTINGS) -> Co
     with quiet_psd_tools(lenient=settings.lenient) as diagnostics:
         with psd_tools_errors(path, "opening it"):
             psd = PSDImage.open(path)
+            check_layer_sizes(psd, path, settings.max_pixels)
         if len(psd) == 0:
             raise UnsupportedDocument(
                 "has no layers (a flattened image): add at least one layer in Photoshop "
@@ -73,6 +74,30 @@ def read_collage(path: str | Path, settings: Settings = _DEFAULT_SETTINGS) -> Co
         collage = _Reader(path, psd, header, settings).read()
     collage.warnings.extend(diagnostics_as_warnings(diagnostics))
     return collage
+
+
+def check_layer_sizes(psd: PSDImage, path: Path, max_pixels: int) -> None:
+    """Refuse a layer or layer mask larger than ``max_pixels`` before any pixel is decoded.
+
+    Memory follows the boxes the file declares, not its size: a 670 KB file can hold a
+    13000 x 13000 ZIP layer on a 64 x 64 canvas. So each box is held to the same limit
+    as the canvas, and reading never decodes more than ``max_pixels`` per layer.
+    """
+    for layer in psd.descendants():
+        if layer.is_group():
+            continue
+        boxes = [("layer", layer.width, layer.height)]
+        if layer.has_mask() and layer.mask is not None:
+            boxes.append(("mask of layer", layer.mask.width, layer.mask.height))
+        for what, width, height in boxes:
+            if max(width, 0) * max(height, 0) > max_pixels:
+                raise UnsupportedDocument(
+                    f"the {what} {clean_text(layer.name)!r} is {width} x {height} px "
+                    f"({width * height / 1e6:.3g} megapixels), over the limit max_pixels="
+                    f"{max_pixels} (the operator's setting, --max-pixels); crop it to the "
+                    "canvas in Photoshop (Image > Crop, Delete Cropped Pixels) and save again",
+                    path=path,
+                )
 
 
 class _Reader:

@@ -290,3 +290,60 @@ def test_the_canvas_limit_message_names_the_operators_setting_not_a_sidecar(
     message = str(caught.value)
     assert "sidecar" not in message  # sidecars may not set max_pixels
     assert "max_pixels in collage.toml [policy]" in message and "--max-pixels" in message
+
+
+# ---------------------------------------------------------------------------
+# XMP: no DTD in any encoding
+# ---------------------------------------------------------------------------
+
+_XMP = (
+    '<?xml version="1.0" encoding="{enc}"?>{dtd}'
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+    'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#" '
+    'xmlns:dc="http://purl.org/dc/elements/1.1/"><rdf:Description rdf:about="">'
+    '<dc:description><rdf:Alt><rdf:li xml:lang="x-default">{text}</rdf:li></rdf:Alt>'
+    "</dc:description></rdf:Description></rdf:RDF></x:xmpmeta>"
+)
+_DTD = '<!DOCTYPE x:xmpmeta [<!ENTITY e "INJECTED"><!ENTITY f "&e;&e;&e;&e;&e;">]>'
+
+
+def xmp_packet(encoding: str, *, dtd: bool, text: str) -> bytes:
+    codec = {"UTF-8": "utf-8", "UTF-16BE": "utf-16-be", "UTF-16LE": "utf-16-le"}[encoding]
+    bom = {"UTF-8": b"", "UTF-16BE": b"\xfe\xff", "UTF-16LE": b"\xff\xfe"}[encoding]
+    enc = encoding.replace("BE", "").replace("LE", "")
+    body = _XMP.format(enc=enc, dtd=_DTD if dtd else "", text=text)
+    return bom + body.encode(codec)
+
+
+@pytest.mark.parametrize("encoding", ["UTF-8", "UTF-16BE", "UTF-16LE"])
+def test_a_dtd_in_the_xmp_is_refused_in_every_encoding(encoding: str) -> None:
+    from psd_collage.psd.history import read_renders
+    from psd_collage.psd.xmp import xmp_description
+
+    plain = xmp_packet(encoding, dtd=False, text="a quiet lake")
+    if encoding != "UTF-16LE":  # decoded, not searched as bytes
+        assert xmp_description(plain) == "a quiet lake"
+    hostile = xmp_packet(encoding, dtd=True, text="&f;")
+    assert b"<!DOCTYPE" not in hostile or encoding == "UTF-8"  # a byte search misses UTF-16
+    assert xmp_description(hostile) == ""
+    assert "INJECTED" not in xmp_description(hostile)
+    assert read_renders(hostile) == {}
+
+
+def test_an_entity_in_a_utf16_xmp_never_reaches_the_prompt(tmp_path: Path) -> None:
+    from psd_builders import Pixels, build_psd
+    from psd_tools import PSDImage
+    from psd_tools.constants import Resource
+    from psd_tools.psd.image_resources import ImageResource
+
+    from psd_collage.psd.reader import read_collage
+
+    path = build_psd(
+        tmp_path / "x.psd", [Pixels("a red box", (0, 0, 32, 32), (200, 0, 0))], size=(32, 32)
+    )
+    psd = PSDImage.open(path)
+    data = xmp_packet("UTF-16BE", dtd=True, text="&f;")
+    psd.image_resources[Resource.XMP_METADATA] = ImageResource(key=Resource.XMP_METADATA, data=data)
+    psd.save(path)
+    collage = read_collage(path)
+    assert "INJECTED" not in collage.prompt and collage.prompt == "a red box"

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import masks
 from .collage import Collage, CollageLayer
-from .errors import CollageError, SettingsError, TagError
+from .errors import Cancelled, CollageError, SettingsError, TagError
 from .geometry import DocumentSized, composite_up_to, resize_rgb, visible_mask_at
 from .policy import Policy
 from .preview import preview_path, preview_source, write_preview
@@ -240,12 +240,14 @@ class Renderer:
                 settings = settings.updated({"preview": preview})
             if self.policy is not None:
                 self.policy.check_canvas(document_size(path), settings.max_pixels, path=path)
-            collage = read_collage(path, settings)
+            collage = read_collage(path, settings, cancel=cancel)
             check_canny(collage, settings)
+        job.check_cancel()  # a job timeout covers reading: stop before loading the model
         with _timed(job.timings, "load"):
             job.notify("load", 0, 1)
             engine = self.engine_for(settings)
             job.notify("load", 1, 1)
+        job.check_cancel()
         if like is not None:
             collage.warnings.extend(_like_mismatch(path, like, engine.weights_hash))
         if self.policy is not None and settings.resolution is None:
@@ -266,6 +268,7 @@ class Renderer:
             collage, settings, engine, request.seeds, result.prompt, work_size
         )
         del collage, plan, noise  # free the layers, masks and maps before the writer needs memory
+        job.check_cancel()
         preview_file = self._write(output, result.images, request.seeds, job)
         used = settings.as_dict()
         used.update(seed=seed, prompt=result.prompt, negative=negative, model=engine.model_name)
@@ -360,6 +363,11 @@ class _Job:
     def notify(self, phase: str, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(phase, done, total)
+
+    def check_cancel(self) -> None:
+        """Between phases: a cancel (or a job timeout) stops the job here."""
+        if self.cancel is not None and self.cancel():
+            raise Cancelled()
 
 
 @dataclass

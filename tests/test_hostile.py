@@ -347,3 +347,51 @@ def test_an_entity_in_a_utf16_xmp_never_reaches_the_prompt(tmp_path: Path) -> No
     psd.save(path)
     collage = read_collage(path)
     assert "INJECTED" not in collage.prompt and collage.prompt == "a red box"
+
+
+# ---------------------------------------------------------------------------
+# --job-timeout covers reading
+# ---------------------------------------------------------------------------
+
+
+def test_the_job_timeout_stops_a_slow_read_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from psd_builders import Pixels, build_psd
+
+    from psd_collage.policy import Policy
+    from psd_collage.psd.composite import Compositor
+    from psd_collage.render import Renderer
+    from watcher.execute import render_outcome
+
+    layers = [Pixels(f"box {i}", (i, i, i + 8, i + 8), (10 * i, 0, 0)) for i in range(12)]
+    path = build_psd(tmp_path / "slow.psd", layers, size=(32, 32))
+    drawn = Compositor.layer_pixels
+
+    def slow(self, layer):  # noqa: ANN001, ANN202 - a layer that takes 0.3 s to decode
+        time.sleep(0.3)
+        return drawn(self, layer)
+
+    monkeypatch.setattr(Compositor, "layer_pixels", slow)
+    phases: list[str] = []
+    started = time.monotonic()
+    outcome = render_outcome(
+        Renderer(defaults={"model": "tiny", "variants": 1, "steps": 1}),
+        name="slow.psd",
+        job_id="job",
+        input=path,
+        output=tmp_path / "out.psd",
+        sidecar=None,
+        progress=lambda phase, *_: phases.append(phase),
+        stop=lambda: False,
+        deadline=Policy(job_timeout=0.5).deadline(),
+        root=tmp_path,
+    )
+    took = time.monotonic() - started
+    assert outcome.kind == "failed", outcome
+    assert took < 2.0, took  # 12 layers x 0.3 s would be 3.6 s of reading alone
+    assert "load" not in phases  # stopped while reading, before the model
+    first = outcome.report.splitlines()[0]
+    assert "over the limit job_timeout=0.5" in first and "stopped after 0." in first

@@ -10,6 +10,7 @@ rest of the psd package does the parts: :mod:`.header` (cheap checks first),
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from psd_tools.constants import Resource
 
 from .. import masks
 from ..collage import BaseImage, Collage, CollageLayer, DocumentInfo
-from ..errors import SettingsError, TagError, UnsupportedDocument
+from ..errors import Cancelled, SettingsError, TagError, UnsupportedDocument
 from ..settings import LayerOptions, Settings, parse_tags, split_layer_name
 from . import color
 from .boundary import diagnostics_as_warnings, psd_tools_errors, quiet_psd_tools
@@ -53,11 +54,17 @@ class _Item:
 _DEFAULT_SETTINGS = Settings()  # frozen: safe to share as a default
 
 
-def read_collage(path: str | Path, settings: Settings = _DEFAULT_SETTINGS) -> Collage:
+def read_collage(
+    path: str | Path,
+    settings: Settings = _DEFAULT_SETTINGS,
+    *,
+    cancel: Callable[[], bool] | None = None,
+) -> Collage:
     """Read a PSD/PSB into a :class:`Collage` (docs/design.md section 1).
 
     Bad input raises a :class:`CollageError` subclass with a one-line message
-    naming the file; nothing psd-tools prints reaches the user.
+    naming the file; nothing psd-tools prints reaches the user. ``cancel`` is asked
+    before each layer is drawn (a job timeout covers reading): :class:`Cancelled`.
     """
     path = Path(path)
     header = read_header(path, settings.max_pixels)
@@ -71,7 +78,7 @@ def read_collage(path: str | Path, settings: Settings = _DEFAULT_SETTINGS) -> Co
                 "and save again",
                 path=path,
             )
-        collage = _Reader(path, psd, header, settings).read()
+        collage = _Reader(path, psd, header, settings, cancel).read()
     collage.warnings.extend(diagnostics_as_warnings(diagnostics))
     return collage
 
@@ -101,8 +108,16 @@ def check_layer_sizes(psd: PSDImage, path: Path, max_pixels: int) -> None:
 
 
 class _Reader:
-    def __init__(self, path: Path, psd: PSDImage, header: Header, settings: Settings) -> None:
+    def __init__(
+        self,
+        path: Path,
+        psd: PSDImage,
+        header: Header,
+        settings: Settings,
+        cancel: Callable[[], bool] | None = None,
+    ) -> None:
         self.path = path
+        self.cancel = cancel
         self.psd = psd
         self.settings = settings
         self.mode = SUPPORTED_MODES[header.mode]
@@ -155,6 +170,7 @@ class _Reader:
         )
         prompt = self._prompt(layers)
         negative = self._negative()
+        self._check_cancel()
         composite = self._flatten()
         base = self._base()
         collage = Collage(
@@ -344,6 +360,7 @@ class _Reader:
 
     def _collage_layer(self, item: _Item) -> CollageLayer | None:
         layer = item.layer
+        self._check_cancel()
         with psd_tools_errors(self.path, f"compositing layer {layer.name!r}"):
             drawn = self.compositor.layer_pixels(layer)
             sources = self._sources(layer)
@@ -364,6 +381,10 @@ class _Reader:
             noise_source=item.noise_source,
             layer_id=_layer_id(layer),
         )
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled()
 
     def _sources(self, layer: Layer) -> list[str]:
         """The PSD layers whose pixels this collage layer holds."""

@@ -52,7 +52,7 @@ def test_a_real_png_goes_to_failed_with_its_reason(tmp_path: Path) -> None:
     assert "Save As" in first
     assert os.listdir(layout.inbox) == ["Thumbs.db"]
     status = json.loads(layout.status_file.read_text())
-    assert [r["outcome"] for r in status["recent"]] == ["failed"]
+    assert [(r["outcome"], r["cause"]) for r in status["recent"]] == [("failed", "input")]
 
 
 def test_watch_once_says_what_it_left_in_the_inbox_and_why(tmp_path: Path) -> None:
@@ -395,3 +395,213 @@ def test_the_job_timeout_stops_a_slow_read_before_the_model_loads(
     assert "load" not in phases  # stopped while reading, before the model
     first = outcome.report.splitlines()[0]
     assert "over the limit job_timeout=0.5" in first and "stopped after 0." in first
+
+
+# ---------------------------------------------------------------------------
+# serve: retry, names, errors, limits
+# ---------------------------------------------------------------------------
+
+
+def test_retry_is_refused_for_a_job_that_failed_on_its_input_only(tmp_path: Path) -> None:
+    from serve.book import ApiError, JobBook
+
+    layout = Layout.create(tmp_path)
+    recent = []
+    for name, cause in (("bad.psd", "input"), ("oom.psd", "internal")):
+        (layout.failed / name).write_bytes(fake_psd(name))
+        (layout.failed / name.replace(".psd", ".error.txt")).write_text("why\n")
+        recent.append(
+            {
+                "job": f"job-{name}",
+                "name": name,
+                "outcome": "failed",
+                "failed": f"failed/{name}",
+                "error_file": f"failed/{name.replace('.psd', '.error.txt')}",
+                "error": f"{name}: why",
+                "cause": cause,
+                "finished": "2026-01-01T00:00:00+00:00",
+            }
+        )
+    book = JobBook(layout, lambda: {"state": "idle", "recent": recent})
+    views = {v["name"]: v for v in book.jobs()}
+    assert (
+        views["bad.psd"]["retryable"] is False
+        and "upload the file again" in views["bad.psd"]["note"]
+    )
+    assert views["oom.psd"]["retryable"] is True and "note" not in views["oom.psd"]
+    with pytest.raises(ApiError) as caught:
+        book.retry(views["bad.psd"]["id"])
+    assert caught.value.status == 409 and "failed on its input" in caught.value.message
+    assert (layout.failed / "bad.psd").exists()
+    assert book.retry(views["oom.psd"]["id"])["state"] == "queued"
+    assert (layout.inbox / "oom.psd").exists()
+
+
+@pytest.fixture
+def copy_server(tmp_path: Path):
+    """An in-process server over a hot folder whose renderer copies (no model)."""
+    from serve_helpers import serve_in_thread
+    from test_watcher import CopyRenderer
+
+    from serve.app import create_app
+    from serve.backend import HotFolderBackend
+    from watcher.service import WatchOptions
+
+    backend = HotFolderBackend(
+        tmp_path / "hot", {}, WatchOptions(stable=0.1), renderer_factory=CopyRenderer
+    )
+    app = create_app(backend, max_upload=1024**2)  # 1 MB
+    with serve_in_thread(app) as url:
+        yield url, tmp_path / "hot"
+
+
+def test_serve_names_results_answers_errors_in_json_and_has_an_icon(
+    copy_server, tmp_path: Path
+) -> None:
+    import httpx
+    from serve_helpers import make_psd as psd_file
+    from serve_helpers import wait_for
+
+    url, root = copy_server
+    long_name = "é" * 127 + ".psd"  # 258 bytes: no file may have this name
+    path = psd_file(tmp_path / "poster.psd", 1)
+    with open(path, "rb") as fh:
+        reply = httpx.post(f"{url}/api/jobs", files={"file": (long_name, fh)}, timeout=30)
+    assert reply.status_code == 201, reply.text
+    long_job = reply.json()
+    assert long_job["name"].startswith("é" * 100) and len(long_job["name"].encode()) < 255
+    with open(path, "rb") as fh:
+        job = httpx.post(f"{url}/api/jobs", files={"file": ("poster.psd", fh)}, timeout=30).json()
+
+    for one in (long_job, job):
+        wait_for(
+            lambda one=one: httpx.get(f"{url}/api/jobs/{one['id']}").json()["state"] == "done",
+            60,
+            "a job",
+        )
+    result = httpx.get(f"{url}/api/jobs/{job['id']}/result")
+    assert result.status_code == 200
+    # saved as the result, not under the original's name
+    assert 'filename="poster.harmonized.psd"' in result.headers["content-disposition"]
+
+    other_site = httpx.post(
+        f"{url}/api/jobs", headers={"Origin": "http://evil.example"}, files={"file": ("x.psd", b"")}
+    )
+    assert other_site.status_code == 403
+    assert other_site.headers["content-type"] == "application/json"
+    assert "another site" in other_site.json()["error"]
+
+    icon = httpx.get(f"{url}/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+
+
+def test_a_chunked_upload_is_cut_off_at_the_limit_while_it_streams(copy_server) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    url, root = copy_server
+    where = urlsplit(url)
+    boundary = "x" * 16
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.psd"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    sock = socket.create_connection((where.hostname, where.port), timeout=30)
+    sock.sendall(
+        (
+            "POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+        ).encode()
+    )
+    chunk = b"8BPS" + bytes(64 * 1024 - 4)
+    sent = 0
+
+    def send(data: bytes) -> None:
+        sock.sendall(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+
+    try:
+        send(head)
+        for _ in range(16 * 200):  # up to 200 MB; the limit is 1 MB
+            send(chunk)
+            sent += len(chunk)
+            sock.setblocking(False)
+            try:
+                answered = sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                answered = b""
+            finally:
+                sock.setblocking(True)
+            if answered:
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    reply = b""
+    try:
+        while b"\r\n\r\n" not in reply:
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+    finally:
+        sock.close()
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    # refused while streaming (what is in flight in socket buffers aside), not after 200 MB
+    assert sent < 50 * 1024**2, sent
+    leftovers = [p for p in root.rglob("*") if p.is_file() and p.stat().st_size > 1024**2]
+    assert leftovers == []
+
+
+def test_ctrl_c_stops_serve_and_watch_cleanly_with_the_same_exit_status(tmp_path: Path) -> None:
+    """Both exit 0 on Ctrl-C: stopping is how a service ends, not a failure (a wrapper
+    script or systemd would otherwise report every normal stop as an error)."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "psd_collage.cli"]
+    codes = {}
+    for name, args, ready in (
+        ("serve", ["serve", str(tmp_path / "s"), "--port", "0"], "serving http"),
+        ("watch", ["watch", str(tmp_path / "w")], "watching"),
+    ):
+        out = tmp_path / f"{name}.out"
+        with open(out, "wb") as sink:
+            proc = subprocess.Popen([*cmd, *args], stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while ready not in out.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        codes[name] = proc.wait(60)
+        assert "Traceback" not in out.read_text(), out.read_text()
+    assert codes == {"serve": 0, "watch": 0}
+
+
+def test_status_of_a_missing_folder_says_so(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "psd_collage.cli", "status", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"error: {tmp_path / 'nope'}: no such folder: give the hot " + (
+        "folder's ROOT (the folder holding inbox/ and status.json)"
+    )
+
+
+def test_the_worker_gives_its_own_advice_instead_of_celerys_uid_option() -> None:
+    import warnings
+
+    from celery.platforms import check_privileges
+
+    from watcher.farm import replace_root_advice
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        note = replace_root_advice()
+        check_privileges({"json"})
+    assert not [w for w in caught if "--uid" in str(w.message)]
+    if os.geteuid() == 0:
+        assert "sudo -u USER psd-collage worker" in note and "--uid" not in note
+    else:
+        assert note is None

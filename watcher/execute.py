@@ -37,6 +37,15 @@ class Outcome:
     report: str = ""
     error: BaseException | None = None
 
+    @property
+    def cause(self) -> str | None:
+        """Why a failed job failed: ``input`` (the file, its settings or its size: the same
+        file fails the same way again) or ``internal`` (a bug or the machine: a retry may
+        succeed)."""
+        if self.kind != "failed":
+            return None
+        return "input" if isinstance(self.error, CollageError | Cancelled) else "internal"
+
 
 def render_outcome(
     renderer: Any,

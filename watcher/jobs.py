@@ -164,8 +164,12 @@ class Job:
         self.state.update(stage="done", result=summary, finished_at=time.time())
         self.save()
 
-    def mark_failed(self, report: str) -> None:
-        """Write the error report and record where it and the untouched input will go."""
+    def mark_failed(self, report: str, cause: str | None = None) -> None:
+        """Write the error report and record where it and the untouched input will go.
+
+        ``cause``: ``input`` when the same file would fail the same way again (see
+        :attr:`watcher.execute.Outcome.cause`); the status passes it on, so Retry is only
+        offered where it can succeed."""
         atomic_write_text(self.folder / ERROR_NAME, report)
         suffix = Path(self.name).suffix
         failed = self.layout.failed
@@ -177,7 +181,10 @@ class Job:
             plan.append((self.sidecar, failed, suffix + ".toml", False))
         self._plan(plan)
         self.state.update(
-            stage="failed", error=report.splitlines()[0] if report else "", finished_at=time.time()
+            stage="failed",
+            error=report.splitlines()[0] if report else "",
+            cause=cause,
+            finished_at=time.time(),
         )
         self.save()
 

@@ -402,7 +402,7 @@ class WatchService:
         try:
             if job.stage in ("claimed", "queued"):
                 if header_error is not None:
-                    job.mark_failed(self._report(job, header_error, internal=False))
+                    job.mark_failed(self._report(job, header_error, internal=False), "input")
                 elif self.farm:
                     self.farm.submit(job)  # locked by us until its result is in
                     self.farm.sync(time.monotonic())
@@ -425,7 +425,7 @@ class WatchService:
                 "or render it on a bigger machine with psd-collage render",
                 path=job.name,
             )
-            job.mark_failed(self._report(job, exc, internal=False))
+            job.mark_failed(self._report(job, exc, internal=False), "input")
             return True
         started = time.time()
         self.board.job_started(
@@ -485,7 +485,7 @@ class WatchService:
         else:
             if not isinstance(outcome.error, CollageError):
                 log.error("internal error on %s: %r", job.name, outcome.error)
-            job.mark_failed(outcome.report)
+            job.mark_failed(outcome.report, outcome.cause)
         return True
 
     def _finish(self, job: Job) -> None:
@@ -503,6 +503,7 @@ class WatchService:
             "outcome": state["stage"],
             **{k: str(p.relative_to(self.layout.root)) for k, p in placed.items()},
             "error": state.get("error"),
+            "cause": state.get("cause"),
             "attempt": state.get("attempt") or state.get("attempts"),
             "worker": state.get("worker"),
             "mtime": iso(state.get("mtime")),

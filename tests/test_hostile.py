@@ -70,7 +70,7 @@ def test_watch_once_says_what_it_left_in_the_inbox_and_why(tmp_path: Path) -> No
     ) == ["good.preview.png", "good.psd"]
     log = layout.log_file.read_text()
     assert "inbox is empty" not in log and "inbox/ is empty" not in log
-    assert "done (--once): 4 left in inbox/:" in log
+    assert "done (--once): 4 left behind:" in log
     assert "half.psd: incomplete (is incomplete); it is taken once the copy completes" in log
     assert "big.psd.part: a download or copy still in progress" in log
     assert "lonely.psd.toml: a sidecar waiting for its document lonely.psd" in log
@@ -605,3 +605,103 @@ def test_the_worker_gives_its_own_advice_instead_of_celerys_uid_option() -> None
         assert "sudo -u USER psd-collage worker" in note and "--uid" not in note
     else:
         assert note is None
+
+
+# ---------------------------------------------------------------------------
+# the Low items: unlucky folders and names
+# ---------------------------------------------------------------------------
+
+
+def test_an_input_removed_from_work_fails_its_job_with_the_reason(tmp_path: Path) -> None:
+    from watcher.jobs import claim
+
+    layout = Layout.create(tmp_path)
+    (layout.inbox / "gone.psd").write_bytes(fake_psd("gone"))
+    job = claim(layout, "gone.psd")
+    job.input.unlink()  # someone cleaned up work/ by hand
+    job.release()
+    assert make_service(tmp_path).run() == 0
+    assert pending_jobs(layout) == []  # not stuck: no error on every restart
+    assert sorted(os.listdir(layout.failed)) == ["gone.error.txt"]
+    reason = (layout.failed / "gone.error.txt").read_text().splitlines()[0]
+    assert "was removed from work/ before it was harmonized" in reason
+    [entry] = json.loads(layout.status_file.read_text())["recent"]
+    assert entry["outcome"] == "failed" and "removed from work/" in entry["error"]
+
+
+def test_a_read_only_done_folder_fails_the_job_with_the_reason_in_the_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    layout = Layout.create(tmp_path)
+    (layout.inbox / "a.psd").write_bytes(fake_psd("a"))
+    link = os.link
+
+    def read_only_done(src, dst, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if Path(dst).parent == layout.done:  # tests run as root: chmod would not stop it
+            raise PermissionError(errno.EACCES, "Permission denied", str(src), None, str(dst))
+        return link(src, dst, *args, **kw)
+
+    monkeypatch.setattr(os, "link", read_only_done)
+    assert make_service(tmp_path).run() == 0
+    assert pending_jobs(layout) == [] and os.listdir(layout.done) == []
+    assert (layout.failed / "a.psd").read_bytes() == fake_psd("a")
+    [entry] = json.loads(layout.status_file.read_text())["recent"]
+    assert entry["outcome"] == "failed" and entry["cause"] == "service"  # Retry is offered
+    assert "could not be moved to done/ (Permission denied)" in entry["error"]
+    assert "make done/ writable" in entry["error"]
+
+
+def test_a_full_disk_pauses_the_watcher_instead_of_stopping_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import watcher.jobs
+    import watcher.status
+    from psd_collage.atomic import atomic_write_text
+
+    layout = Layout.create(tmp_path)
+    (layout.inbox / "a.psd").write_bytes(fake_psd("a"))
+    failures = {"status": 4, "job": 2}
+
+    def full(kind: str):  # noqa: ANN202
+        def write(path, text, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if failures[kind] > 0:
+                failures[kind] -= 1
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return atomic_write_text(path, text, *args, **kw)
+
+        return write
+
+    monkeypatch.setattr(watcher.status, "atomic_write_text", full("status"))
+    monkeypatch.setattr(watcher.jobs, "atomic_write_text", full("job"))
+    service = make_service(tmp_path, rescan=0.1)
+    assert service.run() == 0  # no exit on ENOSPC
+    assert failures == {"status": 0, "job": 0}
+    assert sorted(os.listdir(layout.done)) == ["a.preview.png", "a.psd"]
+    log = layout.log_file.read_text()
+    assert "is full" in log and "paused" in log and "disk space is back" in log
+    assert "is stale until it can" in log
+
+
+def test_a_relative_link_inside_root_still_works_from_work(tmp_path: Path) -> None:
+    layout = Layout.create(tmp_path)
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "real.psd").write_bytes(fake_psd("linked"))
+    os.symlink("../shared/real.psd", layout.inbox / "link.psd")
+    assert make_service(tmp_path).run() == 0
+    assert (layout.done / "link.psd").read_bytes() == b"RESULT" + fake_psd("linked")
+    assert (layout.originals / "link.psd").resolve() == (tmp_path / "shared" / "real.psd")
+
+
+def test_a_newline_or_escape_in_a_name_cannot_forge_log_lines(tmp_path: Path) -> None:
+    layout = Layout.create(tmp_path)
+    forged = "x\n2026-01-01 00:00:00.000 [1] INFO done boss.psd\x1b[2J.psd"
+    (layout.inbox / forged).write_bytes(fake_psd("forged"))
+    assert make_service(tmp_path).run() == 0
+    log = layout.log_file.read_text()
+    assert "\x1b" not in log and "\\x1b[2J" in log
+    assert not any(line.startswith("2026-01-01 00:00:00.000") for line in log.splitlines())
+    assert len(os.listdir(layout.done)) == 2  # and the file itself was harmonized

@@ -622,6 +622,7 @@ def test_kill_9_mid_job_then_two_watchers_finish_every_file_exactly_once(tmp_pat
     bad = {
         "holiday.psd": _jpeg_bytes(),
         "sidecar.psd": make_psd(tmp_path / "s.psd", 98),
+        "notes.txt": b"not a document: failed like any bad file",
     }
     if INDEXED.exists():
         bad["indexed.psd"] = INDEXED.read_bytes()
@@ -629,7 +630,6 @@ def test_kill_9_mid_job_then_two_watchers_finish_every_file_exactly_once(tmp_pat
         (inbox / name).write_bytes(data)
         digests[name], expected[name] = hashlib.sha256(data).hexdigest(), "failed"
     (inbox / "sidecar.psd.toml").write_text('prompt = "a picnic"\nstepz = 4\n')
-    (inbox / "notes.txt").write_text("left alone")
     # A copy that stopped after 300 bytes: it may resume, so it waits in the inbox.
     truncated = make_psd(tmp_path / "t.psd", 99)[:300]
     (inbox / "truncated.psd").write_bytes(truncated)
@@ -657,7 +657,7 @@ def test_kill_9_mid_job_then_two_watchers_finish_every_file_exactly_once(tmp_pat
     exactly_one_place(root, digests, expected)
     done = sorted(p.name for p in (root / "done").iterdir() if p.suffix == ".psd")
     assert done == sorted(n for n, e in expected.items() if e == "originals")  # none twice
-    assert sorted(os.listdir(root / "inbox")) == ["notes.txt", "truncated.psd"]
+    assert sorted(os.listdir(root / "inbox")) == ["truncated.psd"]
     assert pending_jobs(Layout(root)) == []
     assert harmonized(root / "done" / "f00.psd")
     errors = {p.name: p.read_text().splitlines()[0] for p in (root / "failed").glob("*.error.txt")}
@@ -683,7 +683,7 @@ def test_kill_9_mid_job_then_two_watchers_finish_every_file_exactly_once(tmp_pat
             )
             == 1
         ), name
-    assert text.count("ignoring notes.txt") >= 1
+    assert "a .txt file, not a Photoshop document" in errors["notes.error.txt"]
     assert "resuming job" in text
 
 

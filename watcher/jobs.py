@@ -157,7 +157,7 @@ class Job:
         if preview is not None:
             plan.append((preview, done, ".preview.png", True))
         plan.append((output, done, suffix, False))
-        plan.append((self.input, originals, suffix, False))
+        plan.append((self.input, originals, suffix, not os.path.lexists(self.input)))
         if self.sidecar is not None:
             plan.append((self.sidecar, originals, suffix + ".toml", False))
         self._plan(plan)
@@ -175,7 +175,8 @@ class Job:
         failed = self.layout.failed
         plan = [
             (self.folder / ERROR_NAME, failed, ".error.txt", False),
-            (self.input, failed, suffix, False),
+            # removed from work/ by someone else: the report says so, the job still ends
+            (self.input, failed, suffix, not os.path.lexists(self.input)),
         ]
         if self.sidecar is not None:
             plan.append((self.sidecar, failed, suffix + ".toml", False))
@@ -274,6 +275,7 @@ def claim(layout: Layout, name: str, **facts: Any) -> Job | None:
     folder.mkdir()
     fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    link = _relative_link(layout.inbox / name)
     try:
         os.rename(layout.inbox / name, folder / name)
     except FileNotFoundError:
@@ -282,10 +284,16 @@ def claim(layout: Layout, name: str, **facts: Any) -> Job | None:
     except OSError as exc:
         _abandon(folder, fd)
         raise ClaimError(f"cannot move {name} from inbox/ to work/: {exc.strerror}") from exc
+    if link is not None:  # it pointed from inbox/: make it point from anywhere
+        _relink(folder / name, os.path.normpath(os.path.join(layout.inbox, link)))
     _claim_sidecar(layout, folder, name)
     state = {"name": name, "stage": "claimed", "attempts": 0, "claimed_at": time.time(), **facts}
     job = Job(layout, folder, fd, state)
-    job.save()
+    try:
+        job.save()
+    except BaseException:
+        job.release()  # the folder is a claim without a state: open_job carries it on
+        raise
     return job
 
 
@@ -340,13 +348,13 @@ def open_job(layout: Layout, folder: Path) -> Job | None:
         _claim_sidecar(layout, folder, name)
         state = {"name": name, "stage": "claimed", "attempts": 0, "claimed_at": _mtime(folder)}
         job = Job(layout, folder, fd, state)
-        job.save()
+        try:
+            job.save()
+        except BaseException:
+            job.release()  # e.g. a full disk: the next try must be able to lock it again
+            raise
         return job
-    if state["stage"] == "claimed" and state["name"] not in entries:
-        log.error("job %s: its file %s is missing from work/; left as it is", folder, state["name"])
-        os.close(fd)
-        return None
-    return Job(layout, folder, fd, state)
+    return Job(layout, folder, fd, state)  # its file may be gone: the service fails it
 
 
 def failure_report(name: str, exc: BaseException, *, job_id: str, internal: bool) -> str:
@@ -435,6 +443,22 @@ _JOB_FILES = (LOCK_NAME, STATE_NAME, ERROR_NAME, OUT_DIR, "result.json", "render
 def _is_input(entry: str) -> bool:
     """The dropped file in a job folder (a PSD, or any other file that is to fail)."""
     return entry not in _JOB_FILES and is_dropped(entry)
+
+
+def _relative_link(path: Path) -> str | None:
+    """The target of a relative symbolic link (None: not a link, or an absolute one)."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return None
+    return None if os.path.isabs(target) else target
+
+
+def _relink(path: Path, target: str) -> None:
+    """Replace the link ``path`` by one to the absolute ``target``, atomically."""
+    temp = path.with_name(f".{secrets.token_hex(4)}.link")
+    os.symlink(target, temp)
+    os.replace(temp, path)
 
 
 def _abandon(folder: Path, fd: int) -> None:

@@ -705,3 +705,179 @@ def test_a_newline_or_escape_in_a_name_cannot_forge_log_lines(tmp_path: Path) ->
     assert "\x1b" not in log and "\\x1b[2J" in log
     assert not any(line.startswith("2026-01-01 00:00:00.000") for line in log.splitlines())
     assert len(os.listdir(layout.done)) == 2  # and the file itself was harmonized
+
+
+# ---------------------------------------------------------------------------
+# fuzz: a few hundred mutated PSDs and sidecars through the watcher
+# ---------------------------------------------------------------------------
+
+FUZZ_FILES = 240
+FUZZ_SIDECARS = [
+    'lora = ["nope.safetensors"]',
+    'controlnet = "nowhere"',
+    "steps = 1e308",
+    "variants = -1",
+    "noise = nan",
+    'model = "../../../../etc/passwd"',
+    "max_pixels = 1",  # operator-only
+    '[layers."a red box"]\nnoise = 2',
+    'prompt = "' + "x" * 100_000 + '"',
+    "seed = 99999999999999999999999",
+    "= = =",
+    "\x00\x01\x02",
+    "[layers]\n" + "\n".join(f'"l{i}" = {{noise = 0.5}}' for i in range(200)),
+    'resolution = "big"',
+    "preview = 3",
+]
+
+
+class ReadingRenderer:
+    """The real settings, policy and reader (and the edit masks), then a copy for output:
+    everything a designer's file and sidecar reach before diffusion, at fuzzing speed."""
+
+    def __init__(self, defaults: dict) -> None:
+        from psd_collage.render import Renderer
+
+        self.renderer = Renderer(defaults={**defaults, "model": "tiny"})
+
+    def render_file(
+        self, path, output=None, *, sidecar=None, preview=None, progress=None, cancel=None
+    ):  # noqa: ANN001, ANN201
+        from types import SimpleNamespace
+
+        from psd_collage import masks
+        from psd_collage.psd.reader import read_collage
+
+        settings = self.renderer.settings_for(path, sidecar)
+        collage = read_collage(path, settings, cancel=cancel)
+        masks.start_image(collage)
+        masks.noise_map(collage)
+        output.write_bytes(path.read_bytes())
+        return SimpleNamespace(
+            output=output,
+            preview=None,
+            timings={},
+            variants=[],
+            warnings=collage.warnings,
+            settings={"model": "tiny"},
+        )
+
+
+def fuzz_base(folder: Path) -> bytes:
+    """A small document with what the reader looks at: layers, tags, a group, a mask-like
+    alpha, XMP with a description and a render record, an earlier [harmonized] result."""
+    from psd_builders import Group, Pixels, build_psd
+
+    from psd_collage.psd.reader import read_collage
+    from psd_collage.psd.writer import write_variants
+
+    rgba = np.zeros((12, 12, 4), np.uint8)
+    rgba[2:10, 2:10] = (200, 30, 30, 255)
+    source = build_psd(
+        folder / "base-src.psd",
+        [
+            Pixels("a green lawn", (0, 0, 32, 32), (60, 160, 60)),
+            Group("things [split]", [Pixels("a red box [noise=0.6]", (4, 4, 16, 16), rgba=rgba)]),
+            Pixels("a white cup [lock]", (18, 18, 30, 30), (240, 240, 240)),
+        ],
+        size=(32, 32),
+        description="a red box and a cup on a lawn",
+    )
+    ids = [layer.layer_id for layer in read_collage(source).layers]
+    record = {"layers": [{"id": i, "box": [0, 0, 8, 8]} for i in ids]}
+    variant = [np.full((32, 32, 3), 0.5, np.float32)]
+    base = folder / "base.psd"
+    write_variants(source, base, variant, ["seed 1"], "[harmonized] g", record=record)
+    return base.read_bytes()
+
+
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    out = bytearray(data)
+    kind = rng.integers(0, 6)
+    if kind == 0:  # a few random bytes anywhere
+        for pos in rng.integers(0, len(out), rng.integers(1, 17)):
+            out[pos] = rng.integers(0, 256)
+    elif kind == 1:  # the headers and section lengths
+        for pos in rng.integers(0, min(len(out), 2048), rng.integers(1, 9)):
+            out[pos] = rng.integers(0, 256)
+    elif kind == 2:  # a 4-byte field set to an extreme
+        pos = int(rng.integers(0, len(out) - 4))
+        out[pos : pos + 4] = [b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x7f\xff\xff\xff"][
+            rng.integers(0, 3)
+        ]
+    elif kind == 3:  # cut short
+        out = out[: rng.integers(1, len(out))]
+    elif kind == 4:  # garbage appended
+        out += rng.integers(0, 256, rng.integers(1, 4096), dtype=np.uint8).tobytes()
+    else:  # a block copied over another place
+        size = int(rng.integers(4, 256))
+        a, b = rng.integers(0, len(out) - size, 2)
+        out[b : b + size] = out[a : a + size]
+    return bytes(out)
+
+
+def test_fuzz_the_watcher_stays_up_and_accounts_for_every_file(tmp_path: Path) -> None:
+    import threading
+
+    from psd_collage.psd.header import check_header
+    from watcher.service import WatchOptions, WatchService
+
+    rng = np.random.default_rng(23)
+    base = fuzz_base(tmp_path)
+    root = tmp_path / "hot"
+    layout = Layout.create(root)
+    names = []
+    for i in range(FUZZ_FILES):
+        name = f"f{i:03d}.psd"
+        (layout.inbox / name).write_bytes(mutate(base, rng) if i % 8 else base)
+        if i % 5 == 0:
+            (layout.inbox / f"{name}.toml").write_text(
+                FUZZ_SIDECARS[int(rng.integers(0, len(FUZZ_SIDECARS)))]
+            )
+        names.append(name)
+    service = WatchService(
+        root,
+        {},
+        WatchOptions(stable=0.05, once=True, grace=0.05, rescan=1.0),
+        renderer_factory=ReadingRenderer,
+        header_check=check_header,
+    )
+    finished = threading.Event()
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(service.run())
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            outcome.append(exc)
+        finally:
+            finished.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    if not finished.wait(300):
+        service.stop()
+        pytest.fail("the watcher did not get through the fuzzed files in 300 s")
+    assert outcome == [0]
+
+    left = dict(service.leftovers())
+    where = {}
+    for name in names:
+        stem = name[:-4]
+        if (layout.done / name).exists():
+            where[name] = "done"
+        elif (layout.failed / name).exists():
+            assert (layout.failed / f"{stem}.error.txt").exists(), name
+            where[name] = "failed"
+        else:  # only a cut-short copy may wait, and the report says why
+            assert (layout.inbox / name).exists() and "incomplete" in left.get(name, ""), name
+            where[name] = "waiting"
+    assert pending_jobs(layout) == []
+    counts = {k: list(where.values()).count(k) for k in ("done", "failed", "waiting")}
+    assert counts["done"] >= FUZZ_FILES // 8 and counts["failed"] > FUZZ_FILES // 4, counts
+    internal = [
+        p.name
+        for p in layout.failed.glob("*.error.txt")
+        if "internal error" in p.read_text().splitlines()[0]
+    ]
+    assert internal == [], [(n, (layout.failed / n).read_text()[-600:]) for n in internal[:3]]

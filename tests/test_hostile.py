@@ -705,6 +705,13 @@ def test_a_newline_or_escape_in_a_name_cannot_forge_log_lines(tmp_path: Path) ->
     assert "\x1b" not in log and "\\x1b[2J" in log
     assert not any(line.startswith("2026-01-01 00:00:00.000") for line in log.splitlines())
     assert len(os.listdir(layout.done)) == 2  # and the file itself was harmonized
+    from click.testing import CliRunner
+
+    from psd_collage.cli import main
+
+    shown = CliRunner().invoke(main, ["status", str(tmp_path)]).stdout
+    assert "\x1b" not in shown and "\\x1b[2J" in shown
+    assert not any(line.startswith("2026-01-01 00:00:00.000") for line in shown.splitlines())
 
 
 # ---------------------------------------------------------------------------

@@ -376,7 +376,9 @@ class WatchService:
                 "name": c.name,
                 "size": c.signature[0][0],
                 "reason": (
-                    "incomplete: waiting for the rest of the copy"
+                    "incomplete for a while: if the copy broke off, copy the file again"
+                    if c.stalled
+                    else "incomplete: waiting for the rest of the copy"
                     if c.failing_since
                     else "still changing"
                 ),

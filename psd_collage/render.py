@@ -25,7 +25,14 @@ from .geometry import DocumentSized, composite_up_to, resize_rgb, visible_mask_a
 from .policy import Policy
 from .preview import preview_path, preview_source, write_preview
 from .psd.names import HARMONIZED_PREFIX
-from .settings import LoraSpec, Settings, read_sidecar, sidecar_path, validate_settings
+from .settings import (
+    LoraSpec,
+    Settings,
+    has_sidecar,
+    read_sidecar,
+    sidecar_path,
+    validate_settings,
+)
 
 #: progress(phase, done, total); phases: "load", "ti", "sample", "write".
 Progress = Callable[[str, int, int], None]
@@ -148,7 +155,7 @@ class Renderer:
         within the policy."""
         sidecar = sidecar if sidecar is not None else sidecar_path(path)
         settings = Settings().updated(self._defaults, where="folder defaults")
-        if sidecar.exists():
+        if has_sidecar(sidecar):
             settings = settings.updated(read_sidecar(sidecar), where=str(sidecar))
         if like is not None:
             settings = settings.updated(like_settings(path, like), where=f"--like {like!r}")

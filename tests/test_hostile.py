@@ -134,6 +134,8 @@ def test_a_sidecar_naming_a_missing_lora_or_controlnet_fails_only_that_job(
     make_psd(layout.inbox / "canny.psd", 2)
     (layout.inbox / "canny.psd.toml").write_text('controlnet = "no/such/controlnet"\n')
     make_psd(layout.inbox / "later.psd", 3)
+    long_name = "a" * 250 + ".psd"  # a real render: no ENAMETOOLONG on the way
+    make_psd(layout.inbox / long_name, 4)
 
     run = watch_once(tmp_path)
 
@@ -148,6 +150,7 @@ def test_a_sidecar_naming_a_missing_lora_or_controlnet_fails_only_that_job(
         "poison.psd.toml",
     ]
     assert "later.psd" in os.listdir(layout.done)
+    assert sum(n.startswith("aaaa") and n.endswith(".psd") for n in os.listdir(layout.done)) == 1
     poison = (layout.failed / "poison.error.txt").read_text().splitlines()[0]
     assert "LoRA file does not exist" in poison and str(tmp_path) not in poison
     assert "ControlNet" in (layout.failed / "canny.error.txt").read_text().splitlines()[0]

@@ -907,3 +907,24 @@ def test_fuzz_the_watcher_stays_up_and_accounts_for_every_file(tmp_path: Path) -
         if "internal error" in p.read_text().splitlines()[0]
     ]
     assert internal == [], [(n, (layout.failed / n).read_text()[-600:]) for n in internal[:3]]
+
+
+def test_an_unwritable_root_stops_the_watcher_with_one_line_for_the_operator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import watcher.service
+    from psd_collage.errors import CollageError
+
+    layout = Layout.create(tmp_path)
+    (layout.inbox / "a.psd").write_bytes(fake_psd("a"))
+
+    def refused(*args, **kw):  # noqa: ANN002, ANN003, ANN202 - as root, chmod would not
+        raise PermissionError(errno.EACCES, "Permission denied", str(layout.work / "x"))
+
+    monkeypatch.setattr(watcher.service, "claim", refused)
+    with pytest.raises(CollageError) as caught:
+        make_service(tmp_path).run()
+    assert "whoever runs it must make ROOT and its folders writable" in str(caught.value)
+    assert (layout.inbox / "a.psd").exists()  # the designer's file is untouched

@@ -182,10 +182,18 @@ class WatchService:
                 try:
                     worked = self._step()
                 except (OSError, CollageError) as exc:
-                    if not is_disk_full(exc):
+                    if is_disk_full(exc):
+                        self._pause_for_disk(exc)
+                        continue
+                    if isinstance(exc, CollageError):
                         raise
-                    self._pause_for_disk(exc)
-                    continue
+                    # ROOT itself is unusable (permissions, a vanished share): the
+                    # operator's to fix; one line, not a traceback.
+                    raise CollageError(
+                        f"cannot use the hot folder ({exc}): whoever runs it must make ROOT "
+                        "and its folders writable, then start the watcher again",
+                        path=self.layout.root,
+                    ) from exc
                 if self._paused:
                     log.info("disk space is back: carrying on")
                     self._paused = False

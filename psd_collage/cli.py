@@ -22,7 +22,7 @@ from watcher.cli import status, watch, worker
 
 from .errors import CollageError, plural, terminal_safe
 from .options import guarded, render_options, setting_option, settings_from_options
-from .settings import SETTINGS, Settings, read_sidecar, sidecar_path
+from .settings import SETTINGS, Settings, has_sidecar, read_sidecar, sidecar_path
 
 PSD_SUFFIXES = (".psd", ".psb")
 
@@ -62,7 +62,7 @@ def inspect(file: Path, as_json: bool, sheet: Path | None, **options: Any) -> No
     _require_file(file)
     settings = Settings()
     side = sidecar_path(file)
-    if side.exists():
+    if has_sidecar(side):
         settings = settings.updated(read_sidecar(side), where=str(side))
     settings = settings.updated(settings_from_options(options), where="command line")
     collage = read_collage(file, settings)

@@ -20,13 +20,20 @@ import numpy as np
 
 from . import masks
 from .collage import Collage, CollageLayer
-from .errors import CollageError, SettingsError, TagError
+from .errors import Cancelled, CollageError, SettingsError, TagError
 from .geometry import DocumentSized, composite_up_to, resize_rgb, visible_mask_at
 from .policy import Policy
 from .preview import preview_path, preview_source, write_preview
 from .prompt_check import check_prompt
 from .psd.names import HARMONIZED_PREFIX
-from .settings import LoraSpec, Settings, read_sidecar, sidecar_path, validate_settings
+from .settings import (
+    LoraSpec,
+    Settings,
+    has_sidecar,
+    read_sidecar,
+    sidecar_path,
+    validate_settings,
+)
 
 #: progress(phase, done, total); phases: "load", "ti", "sample", "write".
 Progress = Callable[[str, int, int], None]
@@ -149,7 +156,7 @@ class Renderer:
         within the policy."""
         sidecar = sidecar if sidecar is not None else sidecar_path(path)
         settings = Settings().updated(self._defaults, where="folder defaults")
-        if sidecar.exists():
+        if has_sidecar(sidecar):
             settings = settings.updated(read_sidecar(sidecar), where=str(sidecar))
         if like is not None:
             settings = settings.updated(like_settings(path, like), where=f"--like {like!r}")
@@ -244,13 +251,15 @@ class Renderer:
                 settings = settings.updated({"preview": preview})
             if self.policy is not None:
                 self.policy.check_canvas(document_size(path), settings.max_pixels, path=path)
-            collage = read_collage(path, settings)
+            collage = read_collage(path, settings, cancel=cancel)
             check_canny(collage, settings)
         job.warn(collage.warnings)
+        job.check_cancel()  # a job timeout covers reading: stop before loading the model
         with _timed(job.timings, "load"):
             job.notify("load", 0, 1)
             engine = self.engine_for(settings)
             job.notify("load", 1, 1)
+        job.check_cancel()
         if like is not None:
             collage.warnings.extend(_like_mismatch(path, like, engine.weights_hash))
         if self.policy is not None and settings.resolution is None:
@@ -274,6 +283,7 @@ class Renderer:
             collage, settings, engine, request.seeds, result.prompt, work_size
         )
         del collage, plan, noise  # free the layers, masks and maps before the writer needs memory
+        job.check_cancel()
         preview_file = self._write(output, result.images, request.seeds, job)
         used = settings.as_dict()
         used.update(seed=seed, prompt=result.prompt, negative=negative, model=engine.model_name)
@@ -383,6 +393,11 @@ class _Job:
             self.warned.append(warning)
             if self.on_warning is not None:
                 self.on_warning(warning)
+
+    def check_cancel(self) -> None:
+        """Between phases: a cancel (or a job timeout) stops the job here."""
+        if self.cancel is not None and self.cancel():
+            raise Cancelled()
 
 
 @dataclass

@@ -633,6 +633,15 @@ def sidecar_path(psd_path: str | Path) -> Path:
     return psd_path.with_name(psd_path.name + ".toml")
 
 
+def has_sidecar(sidecar: Path) -> bool:
+    """Whether the sidecar file exists; a document whose name is so long that no sidecar
+    name can exist (ENAMETOOLONG) has none, rather than an error."""
+    try:
+        return sidecar.is_file()
+    except OSError:
+        return False
+
+
 def _did_you_mean(key: str, options: frozenset[str]) -> str:
     close = difflib.get_close_matches(key, sorted(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(options))})"

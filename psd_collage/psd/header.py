@@ -201,7 +201,8 @@ def _check_header_fields(path: Path, h: Header, max_pixels: int | None) -> None:
         raise UnsupportedDocument(
             f"canvas {h.width} x {h.height} px ({h.width * h.height / 1e6:.1f} megapixels) "
             f"is over the limit of {max_pixels / 1e6:.3g} megapixels; reduce it with "
-            "Image > Image Size or raise the limit (--max-pixels, or max_pixels in a sidecar)",
+            "Image > Image Size, or ask whoever runs the service to raise max_pixels (an "
+            "operator's setting: --max-pixels, or max_pixels in collage.toml [policy])",
             path=path,
         )
 

@@ -9,6 +9,7 @@ seed and number of denoising steps; prints the medians and their ratio (goal <= 
     python benchmarks/bench_engine.py --full     # the real SD 1.5 architecture (GPU)
     python benchmarks/bench_engine.py --full --sdxl               # SDXL's, at 1024 x 1024
     python benchmarks/bench_engine.py --full --compile --channels-last
+    python benchmarks/bench_engine.py --flux     # Flux-shaped / --sd3: SD3-shaped (bench_flow.py)
 
 ``--compile`` runs both UNets through ``torch.compile`` (the first, untimed run of each
 compiles); ``--channels-last`` stores both UNets channels-last. On CUDA the peak memory
@@ -233,6 +234,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--full", action="store_true", help="real SD 1.5 architecture (GPU)")
     parser.add_argument("--sdxl", action="store_true", help="SDXL's architecture instead")
+    parser.add_argument("--flux", action="store_true", help="a Flux-shaped transformer")
+    parser.add_argument("--sd3", action="store_true", help="an SD3-shaped transformer")
     parser.add_argument("--compile", action="store_true", help="torch.compile both UNets")
     parser.add_argument("--channels-last", action="store_true", help="channels-last UNets")
     parser.add_argument("--repeats", type=int, default=3)
@@ -247,6 +250,11 @@ def main() -> None:
     args = _arguments()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.flux or args.sd3:
+        import bench_flow  # beside this script
+
+        bench_flow.run(args, collage_request)
+        return
     if args.sdxl:
         config = dict(SDXL_FULL if args.full else SDXL_BENCH)
     else:

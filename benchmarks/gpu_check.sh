@@ -8,13 +8,23 @@
 #   bash benchmarks/gpu_wheels.sh            # here, once: the wheels the GPU image lacks
 #   bash benchmarks/gpu_check.sh             # there (the device tool, carry .whl)
 #   bash benchmarks/gpu_check.sh --cpu       # here: the same steps at toy sizes on the CPU
+#   bash benchmarks/gpu_check.sh --flow      # there: Flux and SD3 instead (own run, < 8 min)
+#   bash benchmarks/gpu_check.sh --cpu --flow
+#
+# --flow runs the Flux/SD3 engine tests on CUDA in bf16, then bench_engine.py --flux --full
+# (Flux.1-dev's transformer, random weights, 1024 x 1024, 28 steps) and --sd3 --full
+# (SD3.5-medium-like widths), collage vs FluxImg2ImgPipeline / StableDiffusion3Img2ImgPipeline.
 #
 # Each step has its own time limit; a step that fails or runs out shows so in the table
 # and the next one runs. Results (JSON lines, logs) go to $OUT (or /tmp/gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CPU=0
-[ "${1:-}" = "--cpu" ] && CPU=1
+FLOW=0
+for arg in "$@"; do
+  [ "$arg" = "--cpu" ] && CPU=1
+  [ "$arg" = "--flow" ] && FLOW=1
+done
 RESULTS=${OUT:-/tmp/gpu_check}
 mkdir -p "$RESULTS"
 : > "$RESULTS/rows.jsonl"
@@ -41,12 +51,25 @@ else
   LIMITS=(90 60 60 90 170)  # 470 s in all at most
 fi
 
+TESTS=(tests/test_engine_sampling.py tests/test_engine_attention.py tests/test_engine_tokens.py
+  tests/test_engine_controlnet.py tests/test_engine_lora.py tests/test_engine_cache.py)
+if [ $FLOW = 1 ]; then
+  TESTS=(tests/test_engine_flow.py)
+  if [ $CPU = 1 ]; then
+    FX=(--flux --steps 2 --size 64 --threads 2 --device cpu)
+    S3=(--sd3 --steps 2 --size 64 --threads 2 --device cpu)
+  else
+    TEST_ENV=(PSD_COLLAGE_TEST_DEVICE=cuda PSD_COLLAGE_TEST_DTYPE=bf16)
+    FX=(--flux --full)
+    S3=(--sd3 --full)
+    LIMITS=(90 210 150)  # 450 s in all at most
+  fi
+fi
+
 # 1. The engine tests, on the device in its half precision.
 start=$(date +%s)
 env "${TEST_ENV[@]}" timeout "${LIMITS[0]}" "$PY" -m pytest -q -p no:cacheprovider \
-  tests/test_engine_sampling.py tests/test_engine_attention.py tests/test_engine_tokens.py \
-  tests/test_engine_controlnet.py tests/test_engine_lora.py tests/test_engine_cache.py \
-  >"$RESULTS/tests.log" 2>&1
+  "${TESTS[@]}" >"$RESULTS/tests.log" 2>&1
 status=$?
 summary=$(grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$RESULTS/tests.log" | tail -1)
 echo "engine tests (exit $status, $(($(date +%s) - start)) s): ${summary:-see tests.log}"
@@ -67,17 +90,22 @@ print(json.dumps(r))" "$RESULTS/$name.json" "$name" >>"$RESULTS/rows.jsonl"
     tail -3 "$RESULTS/$name.log"
   fi
 }
-bench sd15-eager "${LIMITS[1]}" "${SD[@]}"
-bench sd15-channels-last "${LIMITS[2]}" "${SD[@]}" --channels-last
-bench sdxl-eager "${LIMITS[3]}" "${XL[@]}"
-bench sd15-compile-channels-last "${LIMITS[4]}" "${SD[@]}" --compile --channels-last
+if [ $FLOW = 1 ]; then
+  bench flux-eager "${LIMITS[1]}" "${FX[@]}"
+  bench sd3-eager "${LIMITS[2]}" "${S3[@]}"
+else
+  bench sd15-eager "${LIMITS[1]}" "${SD[@]}"
+  bench sd15-channels-last "${LIMITS[2]}" "${SD[@]}" --channels-last
+  bench sdxl-eager "${LIMITS[3]}" "${XL[@]}"
+  bench sd15-compile-channels-last "${LIMITS[4]}" "${SD[@]}" --compile --channels-last
+fi
 
 # 3. One table.
 "$PY" - "$RESULTS/rows.jsonl" <<'PYTABLE'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 gpu = next((r["config"]["gpu"] for r in rows if r.get("config", {}).get("gpu")), None)
-print(f"\nbench_engine.py on {gpu or 'CPU'} (medians; ratio = collage / img2img, goal <= 1.05)")
+print(f"\nbench_engine.py on {gpu or 'CPU'} (medians; ratio = collage / img2img, goal <= 1.05, Flux/SD3 <= 1.10)")
 head = ("run", "size", "steps", "dtype", "img2img s", "collage s", "ratio", "peak MiB i2i/collage", "first run s")
 print(" | ".join(head))
 print(" | ".join("---" for _ in head))

@@ -33,9 +33,16 @@ STALE_AFTER_S = 24 * 3600
 _HOST = socket.gethostname().replace(".", "_")[:32] or "host"
 
 
+#: Bytes of the target's name kept in a temporary name: the host, pid, random part and
+#: ``.tmp`` must still fit in a 255-byte file name when the target's own name is long.
+_TEMP_NAME_BYTES = 160
+
+
 def temp_prefix(path: Path) -> str:
-    """``.NAME.`` : the hidden prefix of every temporary sibling of ``path``."""
-    return f".{path.name}."
+    """``.NAME.`` : the hidden prefix of every temporary sibling of ``path`` (NAME cut to
+    fit, on a character boundary)."""
+    name = path.name.encode("utf-8", "surrogateescape")[:_TEMP_NAME_BYTES]
+    return f".{name.decode('utf-8', 'ignore')}."
 
 
 @contextlib.contextmanager

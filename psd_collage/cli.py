@@ -20,9 +20,9 @@ import click
 from serve.cli import serve
 from watcher.cli import status, watch, worker
 
-from .errors import CollageError, terminal_safe
+from .errors import CollageError, plural, terminal_safe
 from .options import guarded, render_options, setting_option, settings_from_options
-from .settings import SETTINGS, Settings, read_sidecar, sidecar_path
+from .settings import SETTINGS, Settings, has_sidecar, read_sidecar, sidecar_path
 
 PSD_SUFFIXES = (".psd", ".psb")
 
@@ -46,26 +46,33 @@ def main() -> None:
     type=click.Path(path_type=Path),
     help="Write a PNG contact sheet: collage, each layer's mask, the noise map.",
 )
+@setting_option(SETTINGS["model"])
 @setting_option(SETTINGS["lenient"])
 @guarded
 def inspect(file: Path, as_json: bool, sheet: Path | None, **options: Any) -> None:
-    """Show how FILE maps to a collage, before spending GPU time on it."""
+    """Show how FILE maps to a collage, before spending GPU time on it.
+
+    With the model's tokenizer (no weights are loaded) it also tells which captions the
+    model will not steer and what of the prompt it will not read, as render will.
+    """
+    from .prompt_check import check_prompt_for_model
     from .psd.reader import read_collage
     from .report import format_table, inspect_data, write_sheet
 
     _require_file(file)
     settings = Settings()
     side = sidecar_path(file)
-    if side.exists():
+    if has_sidecar(side):
         settings = settings.updated(read_sidecar(side), where=str(side))
     settings = settings.updated(settings_from_options(options), where="command line")
     collage = read_collage(file, settings)
+    check = check_prompt_for_model(collage, settings.model)
     if sheet is not None:
         write_sheet(collage, sheet)
     if as_json:
-        click.echo(json.dumps(inspect_data(collage, settings), ensure_ascii=False))
+        click.echo(json.dumps(inspect_data(collage, settings, check), ensure_ascii=False))
     else:
-        click.echo(format_table(collage, settings))
+        click.echo(format_table(collage, settings, check))
         if sheet is not None:
             click.echo(f"sheet: {sheet}")
 
@@ -98,7 +105,7 @@ def inspect(file: Path, as_json: bool, sheet: Path | None, **options: Any) -> No
     metavar="GROUP/seed N",
     help="Reproduce one earlier variant: its group's recorded settings and that seed.",
 )
-@click.option("--preview/--no-preview", default=None, help="Also write NAME.preview.png.")
+@setting_option(SETTINGS["preview"])
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file on stdout.")
 @render_options
 @guarded
@@ -129,7 +136,7 @@ def render(
     overrides = settings_from_options(options)
     if str(overrides.get("model", "")).startswith("tiny"):
         click.echo(
-            "note: --model tiny has random weights: it runs every step of the pipeline but "
+            f"note: --model {overrides['model']} has random weights: it runs every step of the pipeline but "
             "the pictures are noise; use a real model for real results",
             err=True,
         )
@@ -137,6 +144,11 @@ def render(
     failures = 0
     for path in inputs:
         with _ProgressBar(enabled=not as_json and sys.stderr.isatty(), label=path.name) as bar:
+
+            def warn(text: str, name: str = path.name, bar: _ProgressBar = bar) -> None:
+                if not as_json:  # --json: in the object only
+                    bar.write(terminal_safe(f"warning: {name}: {text}"))
+
             try:
                 result = renderer.render_file(
                     path,
@@ -145,6 +157,7 @@ def render(
                     overwrite=overwrite,
                     like=like,
                     progress=bar.update,
+                    warn=warn,
                 )
             except CollageError as exc:
                 failures += 1
@@ -157,10 +170,10 @@ def render(
         if as_json:
             click.echo(json.dumps(result.as_dict(), ensure_ascii=False))
         else:
-            for warning in result.warnings:
-                click.echo(terminal_safe(f"warning: {path.name}: {warning}"), err=True)
+            count = len(result.variants)
             seeds = ", ".join(str(v["seed"]) for v in result.variants)
-            click.echo(f"{result.output}  ({len(result.variants)} variants, seeds {seeds})")
+            label = "seed" if count == 1 else "seeds"
+            click.echo(f"{result.output}  ({plural(count, 'variant')}, {label} {seeds})")
             if result.preview:
                 click.echo(f"{result.preview}")
     if failures:
@@ -213,6 +226,15 @@ class _ProgressBar:
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.close()
+
+    def write(self, line: str) -> None:
+        """One line on stderr, above the bar while there is one."""
+        if self._bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+        else:
+            click.echo(line, err=True)
 
     def update(self, phase: str, done: int, total: int) -> None:
         if not self.enabled:

@@ -32,6 +32,11 @@ def terminal_safe(text: str) -> str:
     return _UNSAFE.sub(escape, text)
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 variant``, ``2 variants`` (``nouns`` where adding an s is wrong)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
 class CollageError(Exception):
     """A problem with the user's input, with a one-line message that says what to do."""
 

@@ -93,13 +93,14 @@ def vacated_mask(collage: Collage) -> np.ndarray | None:
     width, height = collage.document.size
     out = np.zeros((height, width), np.float32)
     for layer, (left, top, right, bottom) in moves:
-        shape = layer.alpha if layer.pixels.shape[1::-1] == (right - left, bottom - top) else None
-        if shape is None:
-            shape = np.ones((bottom - top, right - left), np.float32)
+        # Clip the recorded box to the canvas first: the record comes from the file's XMP
+        # and may claim any size; nothing is allocated beyond the canvas.
         x0, y0, x1, y1 = max(left, 0), max(top, 0), min(right, width), min(bottom, height)
         if x1 <= x0 or y1 <= y0:
             continue
-        crop = shape[y0 - top : y1 - top, x0 - left : x1 - left]
+        crop: np.ndarray | float = 1.0  # its old box, when its shape has changed
+        if layer.pixels.shape[1::-1] == (right - left, bottom - top):
+            crop = layer.alpha[y0 - top : y1 - top, x0 - left : x1 - left]
         np.maximum(out[y0:y1, x0:x1], crop, out=out[y0:y1, x0:x1])
     for layer in collage.layers:
         if layer.redo:
@@ -123,7 +124,7 @@ def moved_redo_layers(collage: Collage) -> list[tuple[CollageLayer, tuple[int, i
     for layer, entry in zip(
         collage.layers, _recorded_entries(collage.layers, entries), strict=True
     ):
-        box = tuple(int(v) for v in entry.get("box", ())) if entry and layer.redo else ()
+        box = _recorded_box(entry.get("box")) if entry and layer.redo else ()
         if len(box) == 4 and box != tuple(layer.box):
             moves.append((layer, box))
     return moves
@@ -148,6 +149,15 @@ def _recorded_entries(layers: Sequence[CollageLayer], entries: list[dict]) -> li
 def _base_name(name: str) -> str:
     """A layer name without its tag block: adding ``[redo]`` keeps the layer's identity."""
     return split_layer_name(name)[0]
+
+
+def _recorded_box(value: object) -> tuple[int, ...]:
+    """A record's ``box`` as 4 ints, or () when the XMP holds anything else (hand-edited)."""
+    if not isinstance(value, list | tuple) or len(value) != 4:
+        return ()
+    if not all(isinstance(v, int | float) and abs(v) < 2**31 for v in value):
+        return ()
+    return tuple(int(v) for v in value)
 
 
 def start_image(collage: Collage) -> np.ndarray:

@@ -87,7 +87,7 @@ def setting_option(entry: Setting) -> Callable:
     if entry.default is None:
         kwargs["show_default"] = spec.default_text or False
     else:
-        kwargs.update(default=entry.default, show_default=True)
+        kwargs.update(default=entry.default, show_default=spec.default_text or True)
     if entry.type is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", entry.name, **kwargs)
     if spec.multiple:

@@ -132,10 +132,15 @@ class Deadline:
     def cancel_callback(self, other: Callable[[], bool] | None = None) -> Callable[[], bool]:
         return lambda: self.passed() or bool(other and other())
 
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
     def error(self, path: str | Path | None = None) -> PolicyError:
+        """Says how long the job really ran: a step or a layer in progress finishes first."""
         return PolicyError(
-            f"the render was stopped after {self.seconds:g} s, the limit job_timeout="
-            f"{self.seconds:g} ({WHERE}); use fewer steps or variants or a smaller resolution",
+            f"the job was stopped after {self.elapsed():.1f} s, over the limit job_timeout="
+            f"{self.seconds:g} ({WHERE}); use fewer steps or variants, a smaller resolution "
+            "or a smaller document",
             path=path,
         )
 

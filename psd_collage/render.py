@@ -20,12 +20,20 @@ import numpy as np
 
 from . import masks
 from .collage import Collage, CollageLayer
-from .errors import CollageError, SettingsError, TagError
+from .errors import Cancelled, CollageError, SettingsError, TagError
 from .geometry import DocumentSized, composite_up_to, resize_rgb, visible_mask_at
 from .policy import Policy
 from .preview import preview_path, preview_source, write_preview
+from .prompt_check import check_prompt
 from .psd.names import HARMONIZED_PREFIX
-from .settings import LoraSpec, Settings, read_sidecar, sidecar_path, validate_settings
+from .settings import (
+    LoraSpec,
+    Settings,
+    has_sidecar,
+    read_sidecar,
+    sidecar_path,
+    validate_settings,
+)
 
 #: progress(phase, done, total); phases: "load", "ti", "sample", "write".
 Progress = Callable[[str, int, int], None]
@@ -148,7 +156,7 @@ class Renderer:
         within the policy."""
         sidecar = sidecar if sidecar is not None else sidecar_path(path)
         settings = Settings().updated(self._defaults, where="folder defaults")
-        if sidecar.exists():
+        if has_sidecar(sidecar):
             settings = settings.updated(read_sidecar(sidecar), where=str(sidecar))
         if like is not None:
             settings = settings.updated(like_settings(path, like), where=f"--like {like!r}")
@@ -220,39 +228,47 @@ class Renderer:
         like: str | None = None,
         progress: Progress | None = None,
         cancel: Callable[[], bool] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> RenderResult:
         """Render one file. The input is never modified unless ``in_place``.
 
         An existing output is refused unless ``overwrite`` (see :func:`resolve_output`);
         ``like="GROUP/seed N"`` reproduces that earlier variant (:func:`like_settings`).
         Data flows one way: read the collage, learn its textual-inversion tokens, plan
-        the request with them, generate, write.
+        the request with them, generate, write. ``warn(text)`` hears each warning as soon
+        as it is known, before sampling for all that ``inspect`` predicts (the document's,
+        the prompt's tokens, captions that will not be steered); the result has them all.
         """
         from .psd.header import document_size
         from .psd.reader import read_collage
 
         path = Path(path)
         output_path = resolve_output(path, output, in_place=in_place, overwrite=overwrite)
-        job = _Job(path, output_path, progress, cancel)
+        job = _Job(path, output_path, progress, cancel, warn)
         with _timed(job.timings, "read"):
             settings = self.settings_for(path, sidecar, like=like)
             if preview is not None:
                 settings = settings.updated({"preview": preview})
             if self.policy is not None:
                 self.policy.check_canvas(document_size(path), settings.max_pixels, path=path)
-            collage = read_collage(path, settings)
+            collage = read_collage(path, settings, cancel=cancel)
             check_canny(collage, settings)
+        job.warn(collage.warnings)
+        job.check_cancel()  # a job timeout covers reading: stop before loading the model
         with _timed(job.timings, "load"):
             job.notify("load", 0, 1)
             engine = self.engine_for(settings)
             job.notify("load", 1, 1)
+        job.check_cancel()
         if like is not None:
             collage.warnings.extend(_like_mismatch(path, like, engine.weights_hash))
         if self.policy is not None and settings.resolution is None:
             self.policy.check_working_resolution(engine.native_resolution, path=path)
         noise = changeable_noise(collage)
         work_size = engine.working_size(collage.document.size, settings.resolution)
+        job.warn([*collage.warnings, *check_prompt(collage, engine.prompt_reader()).warnings])
         tokens = self._learn_tokens(engine, collage, settings, work_size, job)
+        job.warn(collage.warnings)  # layers that cannot learn a token
         plan = plan_render(collage, settings, work_size, noise, tokens, engine.insert_tokens)
         seed = settings.seed if settings.seed is not None else random.randrange(SEED_RANGE)
         request = plan.request(collage.negative_prompt, seed, settings)
@@ -260,12 +276,14 @@ class Renderer:
             request, progress=lambda done, total: job.notify("sample", done, total), cancel=cancel
         )
         job.timings.update(result.timings)
-        negative, warnings = collage.negative_prompt, collage.warnings + list(result.warnings)
+        job.warn(result.warnings)  # what only sampling found (e.g. a noise too low for the steps)
+        negative = collage.negative_prompt
         output = _WriteInputs.of(collage, plan, settings)
         output.record = render_record(
             collage, settings, engine, request.seeds, result.prompt, work_size
         )
         del collage, plan, noise  # free the layers, masks and maps before the writer needs memory
+        job.check_cancel()
         preview_file = self._write(output, result.images, request.seeds, job)
         used = settings.as_dict()
         used.update(seed=seed, prompt=result.prompt, negative=negative, model=engine.model_name)
@@ -277,7 +295,7 @@ class Renderer:
             variants=[{"seed": s, "layer": _variant_name(s)} for s in request.seeds],
             settings=used,
             timings=job.timings,
-            warnings=warnings,
+            warnings=list(job.warned),
             embeddings=job.embeddings,
         )
 
@@ -333,7 +351,11 @@ class Renderer:
             preview_file = None
             if inputs.preview_source is not None:
                 preview_file = write_preview(
-                    preview_path(job.output), inputs.preview_source, images, inputs.pin
+                    preview_path(job.output),
+                    inputs.preview_source,
+                    images,
+                    inputs.pin,
+                    names=names,
                 )
             job.notify("write", 1, 1)
         return preview_file
@@ -354,12 +376,28 @@ class _Job:
     output: Path
     progress: Progress | None
     cancel: Callable[[], bool] | None
+    on_warning: Callable[[str], None] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     embeddings: Path | None = None
+    warned: list[str] = field(default_factory=list)  # every warning once, in order
 
     def notify(self, phase: str, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(phase, done, total)
+
+    def warn(self, warnings: Sequence[str]) -> None:
+        """Hand on the warnings not given yet (each is given once, as soon as it is known)."""
+        for warning in warnings:
+            if warning in self.warned:
+                continue
+            self.warned.append(warning)
+            if self.on_warning is not None:
+                self.on_warning(warning)
+
+    def check_cancel(self) -> None:
+        """Between phases: a cancel (or a job timeout) stops the job here."""
+        if self.cancel is not None and self.cancel():
+            raise Cancelled()
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from PIL import Image, ImageDraw, ImageFont
 from . import masks
 from .atomic import atomic_write
 from .collage import Collage, CollageLayer, to_u8
-from .errors import terminal_safe
+from .errors import plural, terminal_safe
+from .prompt_check import PromptCheck
 from .settings import Settings
 
 #: Longest side of a contact-sheet tile, in pixels.
@@ -54,9 +56,16 @@ def layer_noise(collage: Collage, layer: CollageLayer) -> tuple[float, str]:
     return float(layer.noise), layer.noise_source
 
 
-def inspect_data(collage: Collage, settings: Settings | None = None) -> dict[str, Any]:
-    """The ``--json`` object: document, layers back to front, earlier renders, warnings."""
+def inspect_data(
+    collage: Collage, settings: Settings | None = None, check: PromptCheck | None = None
+) -> dict[str, Any]:
+    """The ``--json`` object: document, layers back to front, earlier renders, warnings.
+
+    ``check`` (the model's tokenizers' view, :mod:`psd_collage.prompt_check`) adds the
+    prompt's tokens, the captions past the model's window and their warnings.
+    """
     settings = settings or Settings()
+    check = check or PromptCheck(sampled=collage.final_prompt)
     doc = collage.document
     document: dict[str, Any] = {
         "width": doc.width,
@@ -64,7 +73,8 @@ def inspect_data(collage: Collage, settings: Settings | None = None) -> dict[str
         "color_mode": doc.color_mode,
         "depth": doc.depth,
         "prompt": collage.prompt,
-        "final_prompt": collage.final_prompt,
+        "final_prompt": check.sampled,
+        "tokens": check.as_dict(),
         "negative_prompt": collage.negative_prompt,
         "psb": doc.psb,
         "base": None
@@ -84,7 +94,7 @@ def inspect_data(collage: Collage, settings: Settings | None = None) -> dict[str
                 "visible_area": round(float(layer.visible_area), 6),
                 "locked": layer.locked,
                 "sources": list(layer.sources),
-                "steered": layer.steered,
+                "steered": layer.steered and check.steered(layer.caption),
                 "redo": layer.redo,
                 "ti": layer.uses_ti(settings.ti),
                 "box": list(layer.box),
@@ -98,7 +108,7 @@ def inspect_data(collage: Collage, settings: Settings | None = None) -> dict[str
         "document": document,
         "layers": layers,
         "renders": renders,
-        "warnings": list(collage.warnings),
+        "warnings": [*collage.warnings, *check.warnings],
     }
 
 
@@ -106,19 +116,24 @@ def inspect_data(collage: Collage, settings: Settings | None = None) -> dict[str
 NAME_COLUMNS = 32
 
 
-def format_table(collage: Collage, settings: Settings | None = None) -> str:
+def format_table(
+    collage: Collage, settings: Settings | None = None, check: PromptCheck | None = None
+) -> str:
     """Readable ``inspect`` output: document, prompts, layers, earlier renders, warnings.
 
     Long names wrap inside their column; nothing is cut, so no tag is ever hidden.
-    Control characters in names are escaped.
+    Control characters in names are escaped. ``check`` as in :func:`inspect_data`.
     """
     settings = settings or Settings()
+    check = check or PromptCheck(sampled=collage.final_prompt)
     doc = collage.document
     kind = "PSB" if doc.psb else "PSD"
+    appended = "  (captions it lacks appended)" if check.sampled != collage.prompt else ""
     lines = [
         f"{doc.path.name}: {doc.width} x {doc.height} px, {doc.color_mode} {doc.depth}-bit {kind}",
         f"prompt:   {collage.prompt or '(none)'}",
-        f"sampled:  {collage.final_prompt or '(none)'}  (captions it lacks appended)",
+        f"sampled:  {check.sampled or '(none)'}{appended}",
+        *_token_lines(check, settings.model),
         f"negative: {collage.negative_prompt or '(none)'}",
     ]
     if collage.base is not None:
@@ -139,7 +154,7 @@ def format_table(collage: Collage, settings: Settings | None = None) -> str:
                 f"{layer.visible_area * 100:.1f}%",
                 "yes" if layer.redo else "",
                 "yes" if layer.uses_ti(settings.ti) else "",
-                "yes" if layer.steered else "no",
+                _steered_cell(layer, check),
             ]
         )
     lines.extend(
@@ -154,11 +169,28 @@ def format_table(collage: Collage, settings: Settings | None = None) -> str:
         lines.extend(
             _render_lines(group, collage.renders.get(group)) for group in collage.earlier_groups
         )
-    if collage.warnings:
+    warnings = [*collage.warnings, *check.warnings]
+    if warnings:
         lines.append("")
-        lines.append(f"warnings ({len(collage.warnings)}):")
-        lines.extend(f"  - {warning}" for warning in collage.warnings)
+        lines.append(f"warnings ({len(warnings)}):")
+        lines.extend(f"  - {warning}" for warning in warnings)
     return "\n".join(terminal_safe(line) for line in lines)
+
+
+def _token_lines(check: PromptCheck, model: str) -> list[str]:
+    if check.tokens is None and check.unchecked is None:
+        return []
+    if check.tokens is None:
+        return [f"tokens:   not checked: {check.unchecked}"]
+    if check.limit is not None and check.tokens > check.limit:
+        return [f"tokens:   {check.tokens}, of which --model {model} reads the first {check.limit}"]
+    return [f"tokens:   {check.tokens} (--model {model} reads up to {check.limit})"]
+
+
+def _steered_cell(layer: CollageLayer, check: PromptCheck) -> str:
+    if not layer.steered:
+        return "no"
+    return "yes" if check.steered(layer.caption) else "no (tokens)"
 
 
 def left_by_redo(collage: Collage) -> dict[str, int] | None:
@@ -194,10 +226,14 @@ def _render_lines(group: str, record: dict[str, Any] | None) -> str:
     size = "x".join(str(v) for v in record.get("working_size") or []) or "?"
     weights = str(record.get("weights") or "?")[:20]
     return (
-        f"  - {group}: {record.get('model')} ({weights}); {seeds}; {record.get('steps')} steps, "
+        f"  - {group}: {record.get('model')} ({weights}); {seeds}; {_steps(record.get('steps'))}, "
         f"guidance {record.get('guidance')}, {record.get('scheduler')}, {size} px, noise "
         f"{record.get('noise')}; prompt {record.get('final_prompt', record.get('prompt'))!r}"
     )
+
+
+def _steps(steps: Any) -> str:
+    return plural(steps, "step") if isinstance(steps, int) else f"{steps} steps"
 
 
 def _table(
@@ -318,9 +354,10 @@ def _sheet_title(collage: Collage) -> str:
     return f"{doc.path.name} · {doc.width}x{doc.height} · {prompt}"
 
 
-#: Fonts tried for labels, in order: the first that has every character of a label draws
-#: it. DejaVu Sans covers Latin, Greek and Cyrillic; Droid Sans Fallback and the others
-#: CJK. Debian: fonts-dejavu-core, fonts-droid-fallback. Pillow's own font is the fallback.
+#: System fonts tried for labels, in order: the first that has every character of a label
+#: draws it. DejaVu Sans covers Latin, Greek and Cyrillic; Droid Sans Fallback and the
+#: others CJK. Debian: fonts-dejavu-core, fonts-droid-fallback. Then :data:`PACKAGE_FONTS`;
+#: Pillow's own font is the last resort.
 FONT_CANDIDATES = (
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
@@ -331,6 +368,37 @@ FONT_CANDIDATES = (
     "C:/Windows/Fonts/msyh.ttc",
     "C:/Windows/Fonts/segoeui.ttf",
 )
+
+#: Fonts that Python packages ship, used where installed (no system font needed): DejaVu
+#: Sans in matplotlib, IPAex Gothic (CJK, Cyrillic, Greek) in matplotlib-fontja; both come
+#: with the dev extra, so the contact sheet draws CJK on a machine with no fonts installed.
+PACKAGE_FONTS = (
+    ("matplotlib", "mpl-data/fonts/ttf/DejaVuSans.ttf"),
+    ("matplotlib_fontja", "fonts/ipaexg.ttf"),
+)
+
+
+@functools.cache
+def package_fonts() -> tuple[str, ...]:
+    """The :data:`PACKAGE_FONTS` files that are installed, found without importing their
+    packages (matplotlib_fontja reconfigures matplotlib on import)."""
+    found = []
+    for package, relative in PACKAGE_FONTS:
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            continue
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            path = Path(folder) / relative
+            if path.is_file():
+                found.append(str(path))
+                break
+    return tuple(found)
+
+
+def font_files() -> list[str]:
+    """Every font file a label may be drawn with, in the order they are tried."""
+    return [*FONT_CANDIDATES, *package_fonts()]
 
 
 @functools.cache
@@ -345,19 +413,31 @@ def _coverage(path: str) -> frozenset[int]:
         return frozenset()
 
 
-def font_for(text: str) -> str | None:
-    """The first of :data:`FONT_CANDIDATES` with a glyph for every character of ``text``."""
-    wanted = {ord(c) for c in text if not c.isspace() and unicodedata.category(c)[0] != "C"}
-    best, best_count = None, -1
-    for path in FONT_CANDIDATES:
+def _wanted(text: str) -> set[int]:
+    return {ord(c) for c in text if not c.isspace() and unicodedata.category(c)[0] != "C"}
+
+
+def font_covering(text: str) -> str | None:
+    """The first font file with a glyph for every character of ``text``; None if none has."""
+    wanted = _wanted(text)
+    for path in font_files():
         covered = _coverage(path)
-        if not covered:
-            continue
-        count = len(wanted & covered)
-        if count == len(wanted):
+        if covered and wanted <= covered:
             return path
-        if count > best_count:
-            best, best_count = path, count
+    return None
+
+
+def font_for(text: str) -> str | None:
+    """:func:`font_covering`, else the font with glyphs for most of ``text``'s characters."""
+    full = font_covering(text)
+    if full is not None:
+        return full
+    wanted = _wanted(text)
+    best, best_count = None, -1
+    for path in font_files():
+        covered = _coverage(path)
+        if covered and len(wanted & covered) > best_count:
+            best, best_count = path, len(wanted & covered)
     return best
 
 

@@ -95,6 +95,38 @@ def split_layer_name(name: str) -> tuple[str, str | None]:
     return name[: match.start()].strip(), match.group(1)
 
 
+def bracket_problem(name: str) -> str | None:
+    """Why brackets in a layer name are not read as its tags, or None when they are.
+
+    Only one ``[...]`` block at the very end of a name holds tags; any other bracket
+    stays in the caption, so ``a red circle [noise=0.5`` (unclosed) would silently
+    become caption text with the default noise. The reader warns with this.
+    """
+    caption, block = split_layer_name(name)
+    opened, closed = caption.rfind("["), caption.rfind("]")
+    if opened < 0 and closed < 0:
+        return None
+    if opened > closed:
+        head = caption[:opened].rstrip()
+        example = f", as in {f'{head} [{caption[opened + 1 :].strip()}]'!r}" if head else ""
+        return (
+            f"{caption[opened:]!r} has no closing ']', so it is caption text, not tags: "
+            f"end the tags with ']' at the end of the name{example}"
+        )
+    if opened < 0 or caption.count("]") > caption.count("["):
+        return (
+            "its name has a ']' without an opening '[', so the text around it is caption "
+            "text, not tags: tags go in one [...] block at the end of the name"
+        )
+    piece = caption[opened : closed + 1]
+    rest = f"{caption[:opened].rstrip()} {caption[closed + 1 :].strip()}".strip()
+    inner = ", ".join(part for part in (piece[1:-1].strip(), block) if part)
+    return (
+        f"{piece!r} is not at the end of the name, so it is caption text, not tags: tags go "
+        f"in one [...] block at the end, as in {f'{rest} [{inner}]'!r}"
+    )
+
+
 def parse_tags(block: str, *, layer: str) -> LayerOptions:
     """Parse a tag block (without brackets). Unknown keys and bad values are errors."""
     values: dict[str, Any] = {}
@@ -236,7 +268,7 @@ class SettingSpec:
     multiple_of: int | None = None
     unit: str | None = None  # shown as the option's value name in --help, e.g. PIXELS
     multiple: bool = False  # a list of values (a repeated option, a TOML array)
-    default_text: str | None = None  # what the default means, where it is None
+    default_text: str | None = None  # what the default means (where it is None or empty)
     option: bool = True  # False: no command-line option (the command sets it, or sidecars do)
     sidecar: bool = True  # False: operator-only; a designer's NAME.psd.toml may not set it
     rule: Callable[[Any], Any] | None = None  # one value -> normalised, or ValueError(why)
@@ -260,8 +292,9 @@ class Settings:
 
     model: str = setting(
         DEFAULT_MODEL,
-        "Hub id, local diffusers folder, single .safetensors, 'tiny', or 'shapes' (a small "
-        "trained model of coloured shapes).",
+        "Hub id, local diffusers folder, single .safetensors (SD 1.x/2.x, SDXL, Flux.1, "
+        "SD3.x), 'tiny' / 'tiny-sdxl' / 'tiny-flux' / 'tiny-sd3' (random weights), or "
+        "'shapes' (a small trained model of coloured shapes).",
     )
     prompt: str | None = setting(
         None,
@@ -271,7 +304,9 @@ class Settings:
     negative: str | None = setting(
         None, "Negative prompt.", default_text="the 'negative' text layer"
     )
-    prompt_suffix: str = setting("", "Appended to the global prompt.", option=False)
+    prompt_suffix: str = setting(
+        "", "Appended to the global prompt (e.g. 'photo, golden hour').", default_text="none"
+    )
     variants: int = setting(4, "How many variants (seeds).", range=(1, 64))
     seed: int | None = setting(
         None,
@@ -280,7 +315,11 @@ class Settings:
         default_text="random",
     )
     steps: int = setting(50, "Sampling steps (paper: 50).", range=(1, 1000))
-    guidance: float = setting(7.0, "Classifier-free guidance (paper: 7).", range=(0, 50))
+    guidance: float = setting(
+        7.0,
+        "Classifier-free guidance (paper: 7; Flux.1-dev: its distilled guidance, ~3.5).",
+        range=(0, 50),
+    )
     scheduler: str = setting("euler_ancestral", "Sampler.", choices=tuple(SCHEDULERS))
     resolution: int | None = setting(
         None,
@@ -318,11 +357,9 @@ class Settings:
     )
     ti: bool = setting(False, "Textual inversion for every captioned layer.")
     ti_steps: int = setting(250, "Textual inversion steps per layer.", range=(1, 100_000))
-    ti_lr: float = setting(4e-4, "Textual inversion learning rate.", option=False)
-    ti_batch: int = setting(4, "Textual inversion batch size.", range=(1, 64), option=False)
-    export_ti: bool = setting(
-        False, "Write the learned tokens to NAME.harmonized.embeddings/.", option=False
-    )
+    ti_lr: float = setting(4e-4, "Textual inversion learning rate.")
+    ti_batch: int = setting(4, "Textual inversion batch size.", range=(1, 64))
+    export_ti: bool = setting(False, "Write the learned tokens to NAME.harmonized.embeddings/.")
     device: str | None = setting(
         None, "cuda, cuda:1, mps or cpu.", default_text="the best available", sidecar=False
     )
@@ -350,8 +387,8 @@ class Settings:
         0.01,
         "Layers covering less of the canvas than this fraction are not steered.",
         range=(0, 1),
-        option=False,
     )
+    # Each command declares --preview itself (watch and serve default to on).
     preview: bool = setting(False, "Also write NAME.preview.png.", option=False)
     lenient: bool = setting(
         False, "Read a layer whose pixel data is damaged with that channel black, not refuse it."
@@ -594,6 +631,15 @@ def sidecar_path(psd_path: str | Path) -> Path:
     """``poster.psd`` -> ``poster.psd.toml``."""
     psd_path = Path(psd_path)
     return psd_path.with_name(psd_path.name + ".toml")
+
+
+def has_sidecar(sidecar: Path) -> bool:
+    """Whether the sidecar file exists; a document whose name is so long that no sidecar
+    name can exist (ENAMETOOLONG) has none, rather than an error."""
+    try:
+        return sidecar.is_file()
+    except OSError:
+        return False
 
 
 def _did_you_mean(key: str, options: frozenset[str]) -> str:

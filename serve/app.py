@@ -32,14 +32,13 @@ from starlette.requests import Request
 from starlette.responses import (
     FileResponse,
     JSONResponse,
-    PlainTextResponse,
     RedirectResponse,
     Response,
     StreamingResponse,
 )
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from psd_collage.errors import CollageError
 
@@ -50,6 +49,15 @@ COOKIE = "psd_collage_token"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 #: Default cap on an upload when the operator set none (bytes).
 DEFAULT_MAX_UPLOAD = 2 * 1024**3
+#: The page's icon (browsers ask for /favicon.ico whatever the page says): three layers.
+FAVICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    b'<rect x="1" y="1" width="9" height="9" fill="#3b7dd8"/>'
+    b'<rect x="4" y="4" width="9" height="9" fill="#e0a030" opacity=".85"/>'
+    b'<rect x="7" y="7" width="8" height="8" fill="#d04848" opacity=".85"/></svg>'
+)
+#: Bytes a multipart form adds around the document (boundaries, headers, settings).
+FORM_OVERHEAD = 1024**2
 #: Seconds between checks for news on /api/events, and between keep-alive comments.
 EVENT_POLL_S = 0.25
 KEEPALIVE_S = 15.0
@@ -93,6 +101,7 @@ def create_app(
         Route("/api/jobs/{id}/variants/{n:int}.png", api.variant),
         Route("/api/jobs/{id}/retry", api.retry, methods=["POST"]),
         Route("/api/events", api.events),
+        Route("/favicon.ico", api.favicon),
     ]
     middleware = [Middleware(Guard, token=token)]
     if local_only and not token:
@@ -122,9 +131,15 @@ class _Api:
         return Response(page, media_type="text/html; charset=utf-8")
 
     async def submit(self, request: Request) -> Response:
+        too_big = ApiError(413, f"the upload is over the limit of {_mb(self.max_upload)}")
         length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_upload + 1024**2:
-            raise ApiError(413, f"the upload is over the limit of {_mb(self.max_upload)}")
+        if length.isdigit() and int(length) > self.max_upload + FORM_OVERHEAD:
+            raise too_big
+        # Counted as the body streams in, so a chunked upload (no Content-Length) is cut off
+        # at the limit instead of being spooled to a temporary file first.
+        request = Request(
+            request.scope, _limited(request.receive, self.max_upload + FORM_OVERHEAD, too_big)
+        )
         async with request.form(max_files=1, max_fields=8) as form:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
@@ -160,8 +175,18 @@ class _Api:
         return JSONResponse(_public(view))
 
     async def result(self, request: Request) -> Response:
+        from psd_collage.render import default_output
+
         path = await run_in_threadpool(self.book.path_of, request.path_params["id"], "done")
-        return FileResponse(path, filename=path.name, media_type="image/vnd.adobe.photoshop")
+        # Saved as NAME.harmonized.psd, like `render` names it: a download must not take the
+        # original's name and replace it in the designer's Downloads folder.
+        name = default_output(path).name
+        return FileResponse(path, filename=name, media_type="image/vnd.adobe.photoshop")
+
+    async def favicon(self, _request: Request) -> Response:
+        return Response(
+            FAVICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"}
+        )
 
     async def preview(self, request: Request) -> Response:
         path = await run_in_threadpool(self.book.path_of, request.path_params["id"], "preview")
@@ -230,6 +255,22 @@ def _public(view: Any) -> Any:
     return view
 
 
+def _limited(receive: Receive, limit: int, error: ApiError) -> Receive:
+    """``receive`` that raises ``error`` once more than ``limit`` body bytes have arrived."""
+    seen = 0
+
+    async def counted() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise error
+        return message
+
+    return counted
+
+
 def _mb(size: int) -> str:
     return f"{size / 1024**2:.0f} MB"
 
@@ -255,9 +296,11 @@ class Guard:
                 await response(scope, receive, send)
                 return
             if not (self._valid(bearer) or self._valid(request.cookies.get(COOKIE))):
-                response = PlainTextResponse(
-                    "401: this psd-collage server needs its token: send the header "
-                    "'Authorization: Bearer TOKEN', or open /?token=TOKEN in a browser\n",
+                response = JSONResponse(
+                    {
+                        "error": "this psd-collage server needs its token: send the header "
+                        "'Authorization: Bearer TOKEN', or open /?token=TOKEN in a browser"
+                    },
                     status_code=401,
                     headers={"WWW-Authenticate": "Bearer"},
                 )
@@ -266,8 +309,8 @@ class Guard:
         if request.method not in ("GET", "HEAD", "OPTIONS") and not self._valid(bearer):
             origin = request.headers.get("origin")
             if origin and urlsplit(origin).netloc != request.headers.get("host"):
-                response = PlainTextResponse(
-                    "403: a page of another site may not change jobs here\n", status_code=403
+                response = JSONResponse(
+                    {"error": "a page of another site may not change jobs here"}, status_code=403
                 )
                 await response(scope, receive, send)
                 return

@@ -30,7 +30,7 @@ import tomli_w
 from psd_collage.atomic import atomic_write, atomic_write_text
 from psd_collage.errors import CollageError
 from psd_collage.settings import validate_settings
-from watcher.layout import Layout, is_document, numbered, sidecar_name
+from watcher.layout import Layout, is_document, numbered, sidecar_name, upload_name
 
 #: The API's job states (a job of the hot folder is in exactly one).
 STATES = ("queued", "running", "done", "failed")
@@ -41,6 +41,11 @@ KEEP_RECORDS = 500
 #: How far a hot folder's clock may be behind ours when matching a job to an upload.
 CLOCK_SLACK_S = 2.0
 BOOK_NAME = "serve.json"
+#: Why a job that failed on its input offers no Retry: the same bytes fail the same way.
+INPUT_NOTE = (
+    "failed on its input (the file, its settings or its size): retrying it would fail the "
+    "same way; fix what the error says and upload the file again"
+)
 
 
 class ApiError(Exception):
@@ -107,7 +112,7 @@ def safe_name(filename: str) -> str:
         raise ApiError(
             400, f"{filename!r} is not a .psd or .psb file name: upload a Photoshop document"
         )
-    return name
+    return upload_name(name)
 
 
 def _ts(value: Any) -> float | None:
@@ -231,6 +236,8 @@ class JobBook:
                 raise ApiError(
                     409, f"job {job_id} is {view['state']}: only a failed job is retried"
                 )
+            if view.get("cause") == "input":
+                raise ApiError(409, f"job {job_id} {INPUT_NOTE}")
             record = self._records.get(job_id)
             entry = (record.final if record else None) or view.get("entry") or {}
             files = {k: entry.get(k) for k in ("failed", "sidecar", "error_file")}
@@ -380,6 +387,11 @@ class JobBook:
             "files": files,
             "entry": entry,
         }
+        if state == "failed":
+            view["cause"] = entry.get("cause")
+            view["retryable"] = bool(files.get("failed")) and entry.get("cause") != "input"
+            if entry.get("cause") == "input":
+                view["note"] = INPUT_NOTE
         if state == "done":
             view["result"] = f"/api/jobs/{job_id}/result"
             if files.get("preview"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,9 @@ def serve(
     by hand are rendered and shown too. Open http://HOST:PORT/ for the status page.
     Like watch, it renders in this process (the render and policy options are the
     folder's defaults and limits), or with --broker queues for the farm's workers
-    and shows the farm's status. Ctrl-C stops; a running job is re-run at the next
-    start.
+    and shows the farm's status. Ctrl-C (or SIGTERM) stops cleanly with exit status 0,
+    like watch; a running job is re-run at the next start. A second Ctrl-C stops at once
+    (exit status 130).
     """
     from .backend import HotFolderBackend
 
@@ -137,4 +139,23 @@ def _run(app: Any, sock: socket.socket, token: str | None) -> None:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-    Server(config).run(sockets=[sock])
+    server = Server(config)
+    # uvicorn raises the signal that stopped it again once it has shut down; these handlers
+    # (restored by uvicorn before it does) turn that into the same exit status as `watch`.
+    previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    except _Stopped:
+        if server.force_exit:  # a second Ctrl-C: stopped without waiting
+            raise KeyboardInterrupt from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Stopped(Exception):
+    """Ctrl-C or SIGTERM after a clean shutdown: exit status 0, like `watch`."""
+
+
+def _stopped(_sig: int, _frame: Any) -> None:
+    raise _Stopped()

@@ -14,5 +14,8 @@ FIXTURES = ROOT.parent / "shared" / "psd-fixtures"
 def fixtures_dir() -> Path:
     """``../shared/psd-fixtures``; tests using it skip cleanly where it is absent."""
     if not FIXTURES.is_dir():
-        pytest.skip("../shared/psd-fixtures is not present")
+        pytest.skip(
+            "the real Photoshop test files are not present: they are read from "
+            f"{FIXTURES} (the project's shared folder, beside this clone)"
+        )
     return FIXTURES

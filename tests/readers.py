@@ -19,6 +19,22 @@ import numpy as np
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 
+#: Skip reasons pytest's summary shows: what is missing and how to get it.
+IMAGEMAGICK_MISSING = "ImageMagick is not installed (apt-get install imagemagick; .ci/run does)"
+AG_PSD_MISSING = (
+    "ag-psd cannot run: needs node and npm (apt-get install nodejs npm; .ci/run does), "
+    "then the tests install it into tests/js themselves"
+)
+
+
+def independent_readers_missing() -> str | None:
+    """Why ImageMagick and ag-psd cannot both check a file, or None when they can."""
+    if not imagemagick():
+        return IMAGEMAGICK_MISSING
+    if not ag_psd():
+        return AG_PSD_MISSING
+    return None
+
 
 def imagemagick() -> bool:
     """True when ImageMagick's ``identify`` and ``convert`` are on PATH (not a stand-in)."""

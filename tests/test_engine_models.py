@@ -174,3 +174,32 @@ def test_low_memory_options_give_the_same_picture():
         "tiny", device="cpu", attention_slicing=True, vae_tiling=True, cpu_offload=True
     )
     np.testing.assert_allclose(_image_for(engine), plain, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [("shape", "shapes"), ("Shapes", "shapes"), ("tiny-sdx", "tiny-sdxl"), ("tiyn", "tiny")],
+)
+def test_a_typo_of_a_known_model_name_suggests_it(typo, meant, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no file or folder of that name here
+    with pytest.raises(ModelError) as error:
+        load_engine(typo, device="cpu")
+    message = str(error.value)
+    assert f"did you mean --model {meant}?" in message and "\n" not in message
+    assert "hf download" not in message  # not advice to download a model that is no model
+
+
+def test_the_cli_suggests_the_closest_model_name(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "samples" / "picnic.psd"
+    run = subprocess.run(
+        [sys.executable, "-m", "psd_collage.cli", "render", str(sample), "--model", "shape",
+         "-o", str(tmp_path / "out.psd")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "did you mean --model shapes?" in errors[0], run.stderr

@@ -43,7 +43,20 @@ def test_caption_beyond_the_token_limit_warns_and_is_not_steered():
     prompt, spans, warnings = locate_captions([tok], long_prompt, ["red car", "big old house"])
     assert prompt.endswith(", red car")
     assert spans[0] is None and spans[1] is not None
-    assert len(warnings) == 1 and "'red car'" in warnings[0] and "77" in warnings[0]
+    overflow, caption = warnings  # the words CLIP will not read, then the caption lost
+    assert "83 tokens long" in overflow and "reads only 75" in overflow
+    assert overflow.endswith(
+        "'house a big old house, red car' at its end is ignored; shorten the prompt"
+    )
+    assert "'red car' is past the 75 tokens" in caption and "not steered" in caption
+
+
+def test_a_prompt_within_the_window_gives_no_warning():
+    tok = build_tiny_tokenizer(model_max_length=32)
+    prompt = " ".join(["a big old house"] * 7)  # 28 tokens: the window holds 30
+    assert locate_captions([tok], prompt, ["big old house"])[2] == []
+    assert locate_captions([tok], prompt + " a big", ["big old house"])[2] == []  # 30: full
+    assert "31 tokens long" in locate_captions([tok], prompt + " a big old", [])[2][0]
 
 
 def test_textual_inversion_tokens_are_located():
@@ -79,7 +92,8 @@ def test_generation_reports_the_prompt_it_used_and_unlocatable_captions():
     request.prompt = " ".join(["a calm lake"] * 30)
     result = engine.generate(request)
     assert result.prompt.endswith(", yellow boat")
-    assert len(result.warnings) == 1 and "yellow boat" in result.warnings[0]
+    assert len(result.warnings) == 2  # the words past the window, the caption among them
+    assert "is ignored" in result.warnings[0] and "'yellow boat' is past" in result.warnings[1]
     assert len(result.images) == 1
 
 

@@ -369,3 +369,35 @@ def test_a_render_killed_by_the_hard_time_limit_fails_with_the_job_timeout(tmp_p
     assert result is not None and result["outcome"] == "failed"
     assert "job_timeout=5" in result["report"].splitlines()[0]
     assert result["report"].startswith("stuck.psd: ")
+
+
+def test_a_sidecar_naming_a_missing_lora_fails_that_job_and_the_worker_stays(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Issue 23: each worker used to stop on it in turn, the 4th start failing it as
+    "killed, out of memory"; now it is one failed job with the real reason."""
+    root = tmp_path / "hot"
+    (root / "inbox").mkdir(parents=True)
+    watch = start_watch(root, redis_server.url, tmp_path / "watch.log")
+    try:
+        wait_until(lambda: (root / "work").is_dir(), 60, [watch], "the hot folder")
+    except AssertionError:
+        stop(watch)
+        raise
+    worker = start_worker(root, redis_server.url, "w1", tmp_path / "w1.log")
+    try:
+        (root / "inbox" / "poison.psd.toml").write_text('lora = ["nope.safetensors"]\n')
+        drop(root / "inbox", tmp_path, "poison.psd", 1)
+        drop(root / "inbox", tmp_path, "later.psd", 2)
+        wait_until(
+            lambda: finished_psds(root) == ["later.psd", "poison.psd"],
+            240,
+            [watch, worker],
+            "both files",
+        )
+        assert worker.poll() is None  # still taking jobs
+    finally:
+        stop(watch, worker)
+    assert (root / "done" / "later.psd").exists()
+    reason = (root / "failed" / "poison.error.txt").read_text().splitlines()[0]
+    assert "LoRA file does not exist" in reason and "out of memory" not in reason

@@ -22,6 +22,7 @@ from psd_collage.psd.names import HARMONIZED_PREFIX, is_default_name
 from psd_collage.psd.reader import read_collage
 from psd_collage.psd.writer import write_variants
 from psd_collage.settings import LayerOptions, Settings
+from tests import readers
 from tests.psd_builders import Group, Pixels, build_psd, edit_copy
 
 RED, GREEN, BLUE, SKY = (220, 20, 20), (20, 200, 20), (20, 20, 220), (90, 140, 220)
@@ -610,6 +611,25 @@ def test_not_a_psd_says_what_it_is(tmp_path: Path) -> None:
         read_collage(tmp_path / "missing.psd")
 
 
+@pytest.mark.parametrize(("name", "fmt", "what"), [("pic.png", "PNG", "a PNG image"), ("scan.tif", "TIFF", "a TIFF image"), ("photo.jpeg", "JPEG", "a JPEG image")])  # fmt: skip
+def test_a_real_image_is_called_what_it_is_not_a_renamed_one(
+    tmp_path: Path, name: str, fmt: str, what: str
+) -> None:
+    from PIL import Image
+
+    path = tmp_path / name
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path, format=fmt)
+    with pytest.raises(CollageError) as caught:
+        read_collage(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: is {what}, not a Photoshop file"), message
+    assert "renamed" not in message and "Save As" in message
+    renamed = tmp_path / "poster.psb"
+    renamed.write_bytes(path.read_bytes())
+    with pytest.raises(CollageError, match=rf"looks like {what} renamed to \.psb"):
+        check_header(renamed)
+
+
 def test_truncated_file_is_incomplete_for_header_check_and_reader(
     fixtures_dir: Path, tmp_path: Path
 ) -> None:
@@ -726,7 +746,7 @@ def test_sample_picnic_reads_as_documented() -> None:
     assert all(layer.steered for layer in collage.layers)
 
 
-@pytest.mark.skipif(shutil.which("identify") is None, reason="ImageMagick absent")
+@pytest.mark.skipif(not readers.imagemagick(), reason=readers.IMAGEMAGICK_MISSING)
 def test_sample_layers_have_alpha_for_imagemagick_too() -> None:
     out = subprocess.run(
         ["identify", "-format", "%[channels] %l\n", str(SAMPLE)],

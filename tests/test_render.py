@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from psd_tools import PSDImage
 
 from psd_collage.errors import CollageError
+from psd_collage.preview import LABEL_HEIGHT, PREVIEW_HEIGHT
 from psd_collage.render import Renderer
 from tests.psd_builders import Pixels, build_psd, edit_copy
 
@@ -59,6 +61,8 @@ def test_render_adds_one_group_of_variants_and_keeps_everything_else(renderer, c
     assert _sha(collage_psd) == before  # the input is never modified
     assert result.output == collage_psd.with_name("street.harmonized.psd")
     assert result.preview is not None and result.preview.exists()
+    with Image.open(result.preview) as preview:  # tiles, then their names underneath
+        assert preview.height == PREVIEW_HEIGHT + LABEL_HEIGHT
     assert [v["seed"] for v in result.variants] == [7, 8]
     assert {"read", "load", "sample", "decode", "write"} <= set(result.timings)
 

@@ -134,13 +134,11 @@ def test_a_queued_job_is_cancelled_and_a_failed_one_retried(server) -> None:
     assert httpx.delete(f"{url}/api/jobs/{bad['id']}").status_code == 409
     assert (root / "failed" / "locked.error.txt").exists()
 
+    # It failed on its input: the same file would fail the same way, so no retry is offered.
+    assert failed["cause"] == "input" and failed["retryable"] is False
+    assert "fix what the error says and upload the file again" in failed["note"]
     reply = httpx.post(f"{url}/api/jobs/{bad['id']}/retry")
-    assert reply.status_code == 200 and reply.json()["state"] == "queued"
-    assert (root / "inbox" / "locked.psd").exists()
-    assert not (root / "failed" / "locked.psd").exists()
-    assert not (root / "failed" / "locked.error.txt").exists()
-    again = finished(url, bad["id"])
-    assert again["state"] == "failed" and again["retries"] == 1
+    assert reply.status_code == 409 and "failed on its input" in reply.json()["error"]
     assert sorted(p.name for p in (root / "failed").iterdir()) == ["locked.error.txt", "locked.psd"]
 
 

@@ -8,6 +8,7 @@ from psd_collage.errors import SettingsError, TagError
 from psd_collage.settings import (
     LayerOptions,
     Settings,
+    bracket_problem,
     parse_tags,
     read_sidecar,
     sidecar_path,
@@ -27,6 +28,30 @@ from psd_collage.settings import (
 )
 def test_split_layer_name(name: str, caption: str, block: str | None) -> None:
     assert split_layer_name(name) == (caption, block)
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        (
+            "a red circle [noise=0.5",
+            ["'[noise=0.5' has no closing ']'", "'a red circle [noise=0.5]'"],
+        ),
+        ("a red circle noise=0.5]", ["']' without an opening '['"]),
+        ("a red [noise=0.5] circle", ["not at the end", "'a red circle [noise=0.5]'"]),
+        ("a red circle [noise=0.5] [lock]", ["not at the end", "'a red circle [noise=0.5, lock]'"]),
+    ],
+)
+def test_brackets_that_are_not_tags_are_explained(name: str, words: list[str]) -> None:
+    problem = bracket_problem(name)
+    assert problem is not None and "caption text, not tags" in problem
+    for word in words:
+        assert word in problem, problem
+
+
+@pytest.mark.parametrize("name", ["a red circle [noise=0.5]", "a red circle", "[lock]", "x [ ]"])
+def test_names_whose_brackets_are_tags_have_no_problem(name: str) -> None:
+    assert bracket_problem(name) is None
 
 
 def test_parse_tags_values_and_flags() -> None:

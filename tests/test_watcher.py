@@ -239,11 +239,13 @@ def test_an_incomplete_file_is_never_failed_only_reported_once_as_stalled(tmp_pa
 def test_a_complete_file_becomes_ready_after_one_window(tmp_path: Path) -> None:
     tracker = StabilityTracker(tmp_path, 2.0, fake_header, wall_clock=time.time)
     (tmp_path / "b.psd").write_bytes(fake_psd("b"))
-    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "c.psd.crdownload").write_text("half a download")
     (tmp_path / "b.psd.toml").write_text("steps = 3\n")
     tracker.scan(0.0)
     assert tracker.settle(1.9) == ([], [])
-    assert tracker.newly_ignored == ["notes.txt"]  # logged once, the sidecar is not "ignored"
+    # logged once; the sidecar of a present document is not "waiting"
+    assert tracker.newly_ignored == ["c.psd.crdownload"]
+    assert "download or copy still in progress" in tracker.waiting["c.psd.crdownload"]
     # Editing the sidecar counts as a change of the job.
     (tmp_path / "b.psd.toml").write_text("steps = 30\n")
     tracker.scan(1.95)
@@ -251,7 +253,7 @@ def test_a_complete_file_becomes_ready_after_one_window(tmp_path: Path) -> None:
     ready, _ = tracker.settle(3.95)
     assert [c.name for c in ready] == ["b.psd"]
     tracker.scan(4.0)
-    assert tracker.newly_ignored == ["notes.txt"]  # not reported a second time
+    assert tracker.newly_ignored == ["c.psd.crdownload"]  # not reported a second time
 
 
 # ---------------------------------------------------------------------------
@@ -381,7 +383,8 @@ def test_once_sorts_good_and_bad_files_and_reports_them(tmp_path: Path) -> None:
     for name, data in files.items():
         (layout.inbox / name).write_bytes(data)
     (layout.inbox / "sided.psd.toml").write_text("stepz = 3\n")
-    (layout.inbox / "readme.txt").write_text("not for us")
+    (layout.inbox / "readme.txt").write_text("not for us")  # every drop is accounted for
+    (layout.inbox / ".DS_Store").write_bytes(b"\0")  # written by the system: left alone
     digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
 
     assert make_service(tmp_path).run() == 0
@@ -392,7 +395,7 @@ def test_once_sorts_good_and_bad_files_and_reports_them(tmp_path: Path) -> None:
         "good.preview.png",
         "good.psd",
     ]
-    assert os.listdir(layout.inbox) == ["readme.txt"]  # left alone
+    assert os.listdir(layout.inbox) == [".DS_Store"]
     assert pending_jobs(layout) == []
     for name, digest in digests.items():
         expected = "originals" if name in ("good.psd", "Upper.PSB") else "failed"
@@ -406,19 +409,21 @@ def test_once_sorts_good_and_bad_files_and_reports_them(tmp_path: Path) -> None:
     assert first["indexed.error.txt"].startswith("indexed.psd: ")  # no work/<id>/ path
     assert "not a Photoshop file" in first["photo.error.txt"]
     assert "unknown setting 'stepz'" in first["sided.error.txt"]
+    assert first["readme.error.txt"].startswith("readme.txt: is a .txt file, not a Photoshop")
+    assert (layout.failed / "readme.txt").read_text() == "not for us"
     assert "internal error" in first["bug.error.txt"]
     assert "ZeroDivisionError" in (layout.failed / "bug.error.txt").read_text()  # traceback
     assert (layout.failed / "sided.psd.toml").read_text() == "stepz = 3\n"
 
     status = json.loads(layout.status_file.read_text())
-    assert status["state"] == "stopped" and status["counts"] == {"done": 2, "failed": 4}
+    assert status["state"] == "stopped" and status["counts"] == {"done": 2, "failed": 5}
     assert status["mode"] == "single" and status["queued"] == [] and status["running"] == []
     from click.testing import CliRunner
 
     from psd_collage.cli import main
 
     shown = CliRunner().invoke(main, ["status", str(tmp_path)]).stdout
-    assert shown.startswith("hot folder: stopped - 0 queued, 0 running, 2 done, 4 failed")
+    assert shown.startswith("hot folder: stopped - 0 queued, 0 running, 2 done, 5 failed")
     assert "failed photo.psd -> failed/photo.psd: photo.psd: " in shown
     outcomes = {r["name"]: r["outcome"] for r in status["recent"]}
     assert outcomes["good.psd"] == "done" and outcomes["photo.psd"] == "failed"
@@ -427,7 +432,7 @@ def test_once_sorts_good_and_bad_files_and_reports_them(tmp_path: Path) -> None:
     photo = next(r for r in status["recent"] if r["name"] == "photo.psd")
     assert photo["error_file"] == "failed/photo.error.txt" and "Photoshop" in photo["error"]
     log = layout.log_file.read_text()
-    assert "ignoring readme.txt" in log and log.count("readme.txt") == 1
+    assert "done (--once): inbox/ is empty" in log
     assert "done good.psd -> done/good.psd" in log
 
 
@@ -617,6 +622,7 @@ def test_kill_9_mid_job_then_two_watchers_finish_every_file_exactly_once(tmp_pat
     bad = {
         "holiday.psd": _jpeg_bytes(),
         "sidecar.psd": make_psd(tmp_path / "s.psd", 98),
+        "notes.txt": b"not a document: failed like any bad file",
     }
     if INDEXED.exists():
         bad["indexed.psd"] = INDEXED.read_bytes()
@@ -624,7 +630,6 @@ def test_kill_9_mid_job_then_two_watchers_finish_every_file_exactly_once(tmp_pat
         (inbox / name).write_bytes(data)
         digests[name], expected[name] = hashlib.sha256(data).hexdigest(), "failed"
     (inbox / "sidecar.psd.toml").write_text('prompt = "a picnic"\nstepz = 4\n')
-    (inbox / "notes.txt").write_text("left alone")
     # A copy that stopped after 300 bytes: it may resume, so it waits in the inbox.
     truncated = make_psd(tmp_path / "t.psd", 99)[:300]
     (inbox / "truncated.psd").write_bytes(truncated)
@@ -652,7 +657,7 @@ def test_kill_9_mid_job_then_two_watchers_finish_every_file_exactly_once(tmp_pat
     exactly_one_place(root, digests, expected)
     done = sorted(p.name for p in (root / "done").iterdir() if p.suffix == ".psd")
     assert done == sorted(n for n, e in expected.items() if e == "originals")  # none twice
-    assert sorted(os.listdir(root / "inbox")) == ["notes.txt", "truncated.psd"]
+    assert sorted(os.listdir(root / "inbox")) == ["truncated.psd"]
     assert pending_jobs(Layout(root)) == []
     assert harmonized(root / "done" / "f00.psd")
     errors = {p.name: p.read_text().splitlines()[0] for p in (root / "failed").glob("*.error.txt")}
@@ -678,7 +683,7 @@ def test_kill_9_mid_job_then_two_watchers_finish_every_file_exactly_once(tmp_pat
             )
             == 1
         ), name
-    assert text.count("ignoring notes.txt") >= 1
+    assert "a .txt file, not a Photoshop document" in errors["notes.error.txt"]
     assert "resuming job" in text
 
 

@@ -288,7 +288,9 @@ def test_group_records_carry_the_documents_channel_ids(tmp_path):
 
 # --- independent readers --------------------------------------------------------------
 
-needs_imagemagick = pytest.mark.skipif(not readers.imagemagick(), reason="ImageMagick absent")
+needs_imagemagick = pytest.mark.skipif(
+    not readers.imagemagick(), reason=readers.IMAGEMAGICK_MISSING
+)
 
 
 @needs_imagemagick
@@ -334,7 +336,7 @@ def test_imagemagick_reads_the_new_layers_and_merged_image(tmp_path, mode, depth
     assert same(0, layer_raw(layers[0], header)[0])  # the merged image is the visible variant
 
 
-needs_ag_psd = pytest.mark.skipif(not readers.ag_psd(), reason="node/ag-psd unavailable")
+needs_ag_psd = pytest.mark.skipif(not readers.ag_psd(), reason=readers.AG_PSD_MISSING)
 
 
 @needs_ag_psd

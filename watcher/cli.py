@@ -77,7 +77,8 @@ def watch(
     ROOT/failed with NAME.error.txt. ROOT/collage.toml holds folder defaults and
     inbox/NAME.psd.toml per-file settings; the render options here are folder
     defaults too (a file's own sidecar wins over them). Progress is in
-    ROOT/status.json and ROOT/watch.log. Ctrl-C stops; the running job is re-run
+    ROOT/status.json and ROOT/watch.log. Ctrl-C (or SIGTERM) stops cleanly with exit
+    status 0 (a second Ctrl-C: at once, 130); the running job is re-run
     at the next start. With --broker, farm workers render (psd-collage worker) and
     take the render and policy options; this process claims, queues and moves.
     """
@@ -199,6 +200,12 @@ def status(root: Path, broker: str | None, as_json: bool) -> None:
     try:
         if broker:
             _check_broker(broker)
+        if not broker and not root.is_dir():
+            raise CollageError(
+                "no such folder: give the hot folder's ROOT (the folder holding inbox/ and "
+                "status.json)",
+                path=root,
+            )
         try:
             data = read_status(root, broker)
         except FileNotFoundError:

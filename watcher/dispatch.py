@@ -140,7 +140,7 @@ class FarmDispatcher:
                     {**(result.get("summary") or {}), "worker": result.get("worker")},
                 )
             else:
-                job.mark_failed(str(result.get("report") or "failed\n"))
+                job.mark_failed(str(result.get("report") or "failed\n"), result.get("cause"))
             finished.append(job)
         return finished
 

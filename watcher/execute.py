@@ -37,6 +37,15 @@ class Outcome:
     report: str = ""
     error: BaseException | None = None
 
+    @property
+    def cause(self) -> str | None:
+        """Why a failed job failed: ``input`` (the file, its settings or its size: the same
+        file fails the same way again) or ``internal`` (a bug or the machine: a retry may
+        succeed)."""
+        if self.kind != "failed":
+            return None
+        return "input" if isinstance(self.error, CollageError | Cancelled) else "internal"
+
 
 def render_outcome(
     renderer: Any,
@@ -85,7 +94,7 @@ def render_outcome(
             return Outcome("failed", report=report(deadline.error(name), False), error=exc)
         return Outcome("cancelled", error=exc)
     except ModelError as exc:
-        if not _sidecar_sets_model(sidecar):
+        if not _sidecar_names_weights(sidecar):
             return Outcome("model", error=exc)
         return Outcome("failed", report=report(exc, False), error=exc)
     except CollageError as exc:
@@ -112,8 +121,17 @@ def clean_report(text: str, folders: Iterable[Path]) -> str:
     return text
 
 
-def _sidecar_sets_model(sidecar: Path | None) -> bool:
+#: Sidecar keys that name weight files: a model error with one of them set is the file's.
+WEIGHT_KEYS = ("model", "lora", "controlnet")
+
+
+def _sidecar_names_weights(sidecar: Path | None) -> bool:
+    """Whether the designer's sidecar (or upload settings) names a model, LoRA or ControlNet.
+
+    A missing LoRA named by a designer is that job's error, not a broken service: only
+    the operator's own weights may stop it.
+    """
     try:
-        return sidecar is not None and "model" in read_sidecar(sidecar)
-    except CollageError:
+        return sidecar is not None and any(key in read_sidecar(sidecar) for key in WEIGHT_KEYS)
+    except (CollageError, OSError):
         return False

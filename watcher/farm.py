@@ -39,13 +39,14 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Reject, TimeLimitExceeded
+from celery.exceptions import Reject, SecurityWarning, TimeLimitExceeded
 from celery.signals import worker_process_init
 
 from psd_collage.atomic import atomic_write_text
@@ -54,7 +55,7 @@ from psd_collage.policy import Policy
 
 from .execute import render_outcome
 from .jobs import MAX_ATTEMPTS, OUT_DIR, failure_report
-from .layout import Layout, sidecar_name
+from .layout import Layout, output_name, sidecar_in
 from .status import WORKER_HEARTBEAT, FarmStatus
 
 log = logging.getLogger("psd_collage.worker")
@@ -259,6 +260,7 @@ class RenderTask(Task):
                     {
                         "outcome": "failed",
                         "report": failure_report(name, error, job_id=folder.name, internal=False),
+                        "cause": "input",
                         "worker": _config.name,
                     },
                 )
@@ -295,7 +297,8 @@ def render_job(task: Task, job: str, name: str, root: str | None = None) -> str:
                 path=name,
             )
             report = failure_report(name, error, job_id=folder.name, internal=False)
-            _write_result(folder, {"outcome": "failed", "report": report, "attempt": attempt})
+            result = {"outcome": "failed", "report": report, "cause": "input", "attempt": attempt}
+            _write_result(folder, result)
             return "failed"
         return _render(state, task, folder, name, attempt)
 
@@ -332,14 +335,14 @@ def _render(state: WorkerState, task: Task, folder: Path, name: str, attempt: in
         for leftover in out.iterdir():  # a killed attempt's temporary files
             leftover.unlink()
     out.mkdir(exist_ok=True)
-    sidecar = folder / sidecar_name(name)
+    sidecar = sidecar_in(folder, name)
     outcome = render_outcome(
         state.renderer,
         name=name,
         job_id=folder.name,
         input=folder / name,
-        output=out / name,
-        sidecar=sidecar if sidecar.exists() else None,
+        output=out / output_name(name),
+        sidecar=sidecar,
         progress=progress,
         stop=lambda: False,
         deadline=state.config.policy.deadline(),
@@ -361,7 +364,7 @@ def _render(state: WorkerState, task: Task, folder: Path, name: str, attempt: in
             summary=outcome.summary,
         )
     else:
-        result["report"] = outcome.report
+        result.update(report=outcome.report, cause=outcome.cause)
     state.report({**record, "state": "finishing", "phase": "finished"})
     _write_result(folder, result)  # last: the watcher takes over from here
     with contextlib.suppress(Exception):
@@ -378,6 +381,9 @@ def run_worker(config: WorkerConfig, *, visibility_timeout: float | None = None)
     if config.policy.job_timeout:
         app.conf.task_time_limit = config.policy.job_timeout + HARD_LIMIT_GRACE
     configure_worker(config)
+    note = replace_root_advice()
+    if note:
+        log.warning("%s", note)
     worker_process_init.connect(_start_pool_process, weak=False)
     worker = app.Worker(
         hostname=config.name,
@@ -392,6 +398,18 @@ def run_worker(config: WorkerConfig, *, visibility_timeout: float | None = None)
     with contextlib.suppress(Exception):  # stopped cleanly: off the status at once
         FarmStatus(config.broker).worker_gone(config.name)
     return worker.exitcode or 0
+
+
+def replace_root_advice() -> str | None:
+    """Silence Celery's advice to use ``--uid`` (an option of ``celery worker``, which
+    ``psd-collage worker`` does not have); our own advice when running as root instead."""
+    warnings.filterwarnings("ignore", category=SecurityWarning)
+    if os.geteuid() != 0:
+        return None
+    return (
+        "this worker runs as root: run it as an unprivileged user who can write the hot "
+        "folder (sudo -u USER psd-collage worker ..., or User= in its systemd unit)"
+    )
 
 
 def default_worker_name() -> str:

@@ -35,7 +35,17 @@ from typing import Any
 from psd_collage.atomic import atomic_write_text
 from psd_collage.errors import CollageError
 
-from .layout import Layout, free_stem, is_document, numbered, sidecar_name
+from .layout import (
+    Layout,
+    fits,
+    free_stem,
+    is_dropped,
+    numbered,
+    output_name,
+    output_stem,
+    sidecar_in,
+    sidecar_name,
+)
 
 log = logging.getLogger("psd_collage.watch")
 
@@ -97,13 +107,12 @@ class Job:
 
     @property
     def sidecar(self) -> Path | None:
-        path = self.folder / sidecar_name(self.name)
-        return path if path.exists() else None
+        return sidecar_in(self.folder, self.name)
 
     @property
     def output(self) -> Path:
         """Where the renderer writes (inside the job folder: nothing partial reaches done/)."""
-        return self.folder / OUT_DIR / self.name
+        return self.folder / OUT_DIR / output_name(self.name)
 
     @property
     def stage(self) -> str:
@@ -148,32 +157,40 @@ class Job:
         if preview is not None:
             plan.append((preview, done, ".preview.png", True))
         plan.append((output, done, suffix, False))
-        plan.append((self.input, originals, suffix, False))
+        plan.append((self.input, originals, suffix, not os.path.lexists(self.input)))
         if self.sidecar is not None:
             plan.append((self.sidecar, originals, suffix + ".toml", False))
         self._plan(plan)
         self.state.update(stage="done", result=summary, finished_at=time.time())
         self.save()
 
-    def mark_failed(self, report: str) -> None:
-        """Write the error report and record where it and the untouched input will go."""
+    def mark_failed(self, report: str, cause: str | None = None) -> None:
+        """Write the error report and record where it and the untouched input will go.
+
+        ``cause``: ``input`` when the same file would fail the same way again (see
+        :attr:`watcher.execute.Outcome.cause`); the status passes it on, so Retry is only
+        offered where it can succeed."""
         atomic_write_text(self.folder / ERROR_NAME, report)
         suffix = Path(self.name).suffix
         failed = self.layout.failed
         plan = [
             (self.folder / ERROR_NAME, failed, ".error.txt", False),
-            (self.input, failed, suffix, False),
+            # removed from work/ by someone else: the report says so, the job still ends
+            (self.input, failed, suffix, not os.path.lexists(self.input)),
         ]
         if self.sidecar is not None:
             plan.append((self.sidecar, failed, suffix + ".toml", False))
         self._plan(plan)
         self.state.update(
-            stage="failed", error=report.splitlines()[0] if report else "", finished_at=time.time()
+            stage="failed",
+            error=report.splitlines()[0] if report else "",
+            cause=cause,
+            finished_at=time.time(),
         )
         self.save()
 
     def _plan(self, plan: list[tuple[Path, Path, str, bool]]) -> None:
-        stem = Path(self.name).stem
+        stem = output_stem(self.name)
         chosen = free_stem(stem, [(folder, sfx) for _, folder, sfx, _ in plan])
         number = _number_of(chosen, stem)
         self.state["moves"] = [
@@ -195,7 +212,7 @@ class Job:
         """
         if self.stage not in ("done", "failed"):
             raise RuntimeError(f"job {self.id} has no outcome yet")
-        root, stem = self.layout.root, Path(self.name).stem
+        root, stem = self.layout.root, output_stem(self.name)
         index = 0
         while index < len(self.state["moves"]):
             move = Move(**self.state["moves"][index])
@@ -222,7 +239,7 @@ class Job:
     def _replan_from(self, index: int) -> None:
         moves = [Move(**m) for m in self.state["moves"]]
         rest = moves[index:]
-        stem = Path(self.name).stem
+        stem = output_stem(self.name)
         targets = [(self.layout.root / m.folder, m.suffix) for m in rest]
         number = _number_of(free_stem(stem, targets, start=rest[0].number + 1), stem)
         for m in rest:
@@ -258,6 +275,7 @@ def claim(layout: Layout, name: str, **facts: Any) -> Job | None:
     folder.mkdir()
     fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    link = _relative_link(layout.inbox / name)
     try:
         os.rename(layout.inbox / name, folder / name)
     except FileNotFoundError:
@@ -266,10 +284,16 @@ def claim(layout: Layout, name: str, **facts: Any) -> Job | None:
     except OSError as exc:
         _abandon(folder, fd)
         raise ClaimError(f"cannot move {name} from inbox/ to work/: {exc.strerror}") from exc
+    if link is not None:  # it pointed from inbox/: make it point from anywhere
+        _relink(folder / name, os.path.normpath(os.path.join(layout.inbox, link)))
     _claim_sidecar(layout, folder, name)
     state = {"name": name, "stage": "claimed", "attempts": 0, "claimed_at": time.time(), **facts}
     job = Job(layout, folder, fd, state)
-    job.save()
+    try:
+        job.save()
+    except BaseException:
+        job.release()  # the folder is a claim without a state: open_job carries it on
+        raise
     return job
 
 
@@ -300,7 +324,7 @@ def open_job(layout: Layout, folder: Path) -> Job | None:
                 with contextlib.suppress(OSError):
                     folder.rmdir()
             return None
-        if not (STATE_NAME in entries or any(is_document(e) for e in entries)):
+        if not (STATE_NAME in entries or any(_is_input(e) for e in entries)):
             return None
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -313,7 +337,7 @@ def open_job(layout: Layout, folder: Path) -> Job | None:
         os.close(fd)
         return None
     state = _read_state(folder / STATE_NAME)
-    documents = [e for e in entries if is_document(e)]
+    documents = [e for e in entries if _is_input(e)]
     if state is None:
         if not documents:
             # Nothing to carry on: a finished job whose clean-up was interrupted.
@@ -324,13 +348,13 @@ def open_job(layout: Layout, folder: Path) -> Job | None:
         _claim_sidecar(layout, folder, name)
         state = {"name": name, "stage": "claimed", "attempts": 0, "claimed_at": _mtime(folder)}
         job = Job(layout, folder, fd, state)
-        job.save()
+        try:
+            job.save()
+        except BaseException:
+            job.release()  # e.g. a full disk: the next try must be able to lock it again
+            raise
         return job
-    if state["stage"] == "claimed" and state["name"] not in entries:
-        log.error("job %s: its file %s is missing from work/; left as it is", folder, state["name"])
-        os.close(fd)
-        return None
-    return Job(layout, folder, fd, state)
+    return Job(layout, folder, fd, state)  # its file may be gone: the service fails it
 
 
 def failure_report(name: str, exc: BaseException, *, job_id: str, internal: bool) -> str:
@@ -406,8 +430,35 @@ def _number_of(chosen: str, stem: str) -> int:
 
 
 def _claim_sidecar(layout: Layout, folder: Path, name: str) -> None:
+    if not fits(sidecar_name(name)):
+        return  # no sidecar can have this name
     with contextlib.suppress(FileNotFoundError):
         os.rename(layout.inbox / sidecar_name(name), folder / sidecar_name(name))
+
+
+#: What a job folder holds besides the dropped file itself.
+_JOB_FILES = (LOCK_NAME, STATE_NAME, ERROR_NAME, OUT_DIR, "result.json", "render.json")
+
+
+def _is_input(entry: str) -> bool:
+    """The dropped file in a job folder (a PSD, or any other file that is to fail)."""
+    return entry not in _JOB_FILES and is_dropped(entry)
+
+
+def _relative_link(path: Path) -> str | None:
+    """The target of a relative symbolic link (None: not a link, or an absolute one)."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return None
+    return None if os.path.isabs(target) else target
+
+
+def _relink(path: Path, target: str) -> None:
+    """Replace the link ``path`` by one to the absolute ``target``, atomically."""
+    temp = path.with_name(f".{secrets.token_hex(4)}.link")
+    os.symlink(target, temp)
+    os.replace(temp, path)
 
 
 def _abandon(folder: Path, fd: int) -> None:

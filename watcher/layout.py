@@ -19,6 +19,14 @@ DOCUMENT_SUFFIXES = (".psd", ".psb")
 #: A per-file sidecar is the document's full name plus this suffix: ``poster.psd.toml``.
 SIDECAR_SUFFIX = ".toml"
 FOLDERS = ("inbox", "work", "done", "failed", "originals")
+#: Most bytes in one file name on the file systems we run on (ext4, APFS, NTFS: 255).
+MAX_NAME_BYTES = 255
+#: The longest suffix a job's outputs get (``.preview.png``) plus a clash number `` (9999)``.
+_OUTPUT_RESERVE = len(".preview.png") + len(" (9999)")
+#: Files the system writes into folders by itself: never a designer's drop.
+SYSTEM_FILES = ("thumbs.db", "desktop.ini", "icon\r")
+#: Name endings of downloads and copies in progress: they are renamed when complete.
+IN_PROGRESS_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".tmp", ".filepart")
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,71 @@ def is_sidecar(name: str) -> bool:
 
 def sidecar_name(document: str) -> str:
     return document + SIDECAR_SUFFIX
+
+
+def is_dropped(name: str) -> bool:
+    """Any file a designer dropped that the watcher must account for (done/ or failed/):
+    documents, and every other non-hidden file but sidecars, system files and copies
+    still in progress (see :func:`waiting_reason`)."""
+    return is_document(name) or (
+        not name.startswith((".", "~$"))
+        and not is_sidecar(name)
+        and name.lower() not in SYSTEM_FILES
+        and not name.lower().endswith(IN_PROGRESS_SUFFIXES)
+    )
+
+
+def waiting_reason(name: str, present: Iterable[str]) -> str | None:
+    """Why an inbox file that is not a job of its own stays there, or None (ignored)."""
+    lower = name.lower()
+    if name.startswith(".") or lower in SYSTEM_FILES:
+        return None
+    if lower.endswith(IN_PROGRESS_SUFFIXES):
+        return "a download or copy still in progress: it is taken once renamed to .psd"
+    if is_sidecar(name) and name[: -len(SIDECAR_SUFFIX)] not in set(present):
+        return f"a sidecar waiting for its document {name[: -len(SIDECAR_SUFFIX)]}"
+    return None
+
+
+def output_stem(name: str) -> str:
+    """The stem a job's outputs are named with, cut (on a character boundary) so that the
+    longest output name still fits in :data:`MAX_NAME_BYTES`: a designer's 250-character
+    name must not make ``NAME.error.txt`` impossible to create."""
+    return shorten(Path(name).stem, MAX_NAME_BYTES - _OUTPUT_RESERVE)
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8, on a character boundary."""
+    data = text.encode("utf-8", "surrogateescape")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", "ignore").rstrip() or "document"
+
+
+def upload_name(name: str) -> str:
+    """An uploaded document's name, shortened so that it, its sidecar and a clash number
+    (``poster (2).psd.toml``) all fit in a file name."""
+    suffix = Path(name).suffix
+    reserve = len(suffix) + len(SIDECAR_SUFFIX) + len(" (9999)")
+    return shorten(Path(name).stem, MAX_NAME_BYTES - reserve) + suffix
+
+
+def output_name(name: str) -> str:
+    """The name a job renders into inside ``work/<id>/out/`` (and its preview beside it)."""
+    return output_stem(name) + Path(name).suffix
+
+
+def sidecar_in(folder: Path, name: str) -> Path | None:
+    """``folder/NAME.psd.toml`` when it exists; None too when no such name can exist."""
+    if not fits(sidecar_name(name)):
+        return None
+    path = folder / sidecar_name(name)
+    return path if path.is_file() else None
+
+
+def fits(name: str) -> bool:
+    """Whether ``name`` is short enough to be a file name (ENAMETOOLONG otherwise)."""
+    return len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES
 
 
 def numbered(stem: str, n: int) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from psd_collage.errors import terminal_safe
+
 
 def format_status(data: dict[str, Any], *, recent: int = 10) -> str:
     """A few lines: the totals, then running, queued, waiting, workers and recent jobs."""
@@ -17,7 +19,7 @@ def format_status(data: dict[str, Any], *, recent: int = 10) -> str:
         f"{counts.get('failed', 0)} failed (updated {data.get('updated', '?')})"
     ]
     if data.get("message"):
-        lines.append(f"note: {data['message']}")
+        lines.append(terminal_safe(f"note: {data['message']}"))
     sections = [
         ("running", data.get("running"), _running),
         (
@@ -40,7 +42,8 @@ def format_status(data: dict[str, Any], *, recent: int = 10) -> str:
     for title, items, show in sections:
         if items:
             lines.append(f"{title}:")
-            lines.extend(f"  {show(item)}" for item in items)
+            # names come from designers: one printable line each (no forged lines, no ESC)
+            lines.extend(f"  {terminal_safe(show(item))}" for item in items)
     return "\n".join(lines)
 
 

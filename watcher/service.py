@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from psd_collage.errors import CollageError, SettingsError
+from psd_collage.errors import CollageError, SettingsError, terminal_safe
 from psd_collage.policy import folder_policy, read_folder_config
 from psd_collage.settings import validate_settings
 
@@ -30,7 +31,7 @@ from .execute import clean_report, render_outcome
 from .jobs import MAX_ATTEMPTS, ClaimError, Job, claim, failure_report, open_job, pending_jobs
 from .layout import Layout
 from .stability import Candidate, StabilityTracker
-from .status import StatusBoard, iso
+from .status import StatusBoard, is_disk_full, iso
 
 log = logging.getLogger("psd_collage.watch")
 
@@ -148,6 +149,7 @@ class WatchService:
         self._skip_folders: set[str] = set()  # job folders we could not make sense of
         self._unclaimable: dict[str, object] = {}  # name -> signature whose claim failed
         self._signals: dict[int, Any] = {}
+        self._paused = False  # waiting for disk space (see _pause_for_disk)
 
     # -- control ---------------------------------------------------------------
     def stop(self) -> None:
@@ -177,10 +179,32 @@ class WatchService:
             self.board.state = "idle"
             self.board.write(force=True)
             while not self._stop.is_set():
-                if self._step():
+                try:
+                    worked = self._step()
+                except (OSError, CollageError) as exc:
+                    if is_disk_full(exc):
+                        self._pause_for_disk(exc)
+                        continue
+                    if isinstance(exc, CollageError):
+                        raise
+                    # ROOT itself is unusable (permissions, a vanished share): the
+                    # operator's to fix; one line, not a traceback.
+                    raise CollageError(
+                        f"cannot use the hot folder ({exc}): whoever runs it must make ROOT "
+                        "and its folders writable, then start the watcher again",
+                        path=self.layout.root,
+                    ) from exc
+                if self._paused:
+                    log.info("disk space is back: carrying on")
+                    self._paused = False
+                    if self.board.state == "paused":
+                        self.board.state = "idle"
+                    self.board.message = None
+                    self.board.write(force=True)
+                if worked:
                     continue
                 if self.options.once and self._nothing_left():
-                    log.info("inbox is empty: done (--once)")
+                    self._report_leftovers()
                     break
                 self._sleep()
             return 0
@@ -222,7 +246,7 @@ class WatchService:
             self.tracker.scan(now)
             self._last_inbox_scan = now
             for name in self.tracker.newly_ignored:
-                log.info("ignoring %s: not a .psd or .psb file", name)
+                log.info("leaving %s in inbox/: %s", name, self.tracker.waiting.get(name, ""))
             for name, why in self.tracker.newly_refused:
                 log.warning("leaving %s alone in inbox/: %s", name, why)
             self.tracker.newly_refused.clear()
@@ -288,6 +312,51 @@ class WatchService:
             for c in self.tracker.candidates.values()
         )
 
+    def _pause_for_disk(self, exc: BaseException) -> None:
+        """A full disk is the operator's to fix: wait and try again, never exit."""
+        message = (
+            f"the disk holding the hot folder is full ({exc}): paused; jobs carry on "
+            f"once space is freed (retried every {self.options.rescan:g} s)"
+        )
+        if self.board.message != message:
+            log.error("%s", message)
+        self._paused = True
+        self.board.state, self.board.message = "paused", message
+        self.board.write(force=True)
+        self._work_found = True  # a claim may have been cut short: look at work/ again
+        self._wake.wait(timeout=self.options.rescan)
+        self._wake.clear()
+
+    def leftovers(self) -> list[tuple[str, str]]:
+        """What stays in inbox/ (and work/) and why: the answer of ``watch --once``."""
+        left = [
+            (
+                c.name,
+                f"incomplete ({c.header_error.detail if c.header_error else 'still changing'})"
+                "; it is taken once the copy completes, or copy it again",
+            )
+            for c in self.tracker.candidates.values()
+        ]
+        left += [
+            (name, "its claim failed; see the error above")
+            for name in self._unclaimable
+            if name in self.tracker.candidates
+        ]
+        left += list(self.tracker.refused.items()) + list(self.tracker.waiting.items())
+        left += [
+            (f"work/{name}", "a job that could not be carried on") for name in self._skip_folders
+        ]
+        return sorted(dict(left).items())
+
+    def _report_leftovers(self) -> None:
+        left = self.leftovers()
+        if not left:
+            log.info("done (--once): inbox/ is empty")
+            return
+        log.warning("done (--once): %d left behind:", len(left))
+        for name, why in left:
+            log.warning("  %s: %s", name, why)
+
     def _sleep(self) -> None:
         now = time.monotonic()
         waits = [
@@ -315,13 +384,19 @@ class WatchService:
                 "name": c.name,
                 "size": c.signature[0][0],
                 "reason": (
-                    "incomplete: waiting for the rest of the copy"
+                    "incomplete for a while: if the copy broke off, copy the file again"
+                    if c.stalled
+                    else "incomplete: waiting for the rest of the copy"
                     if c.failing_since
                     else "still changing"
                 ),
             }
             for c in self.tracker.candidates.values()
             if c.name not in ready_names
+        ]
+        self.board.waiting += [
+            {"name": name, "reason": why}
+            for name, why in sorted({**self.tracker.refused, **self.tracker.waiting}.items())
         ]
         after = [q["name"] for q in self.board.queued], [w["name"] for w in self.board.waiting]
         self.board.write(force=after != before)
@@ -353,6 +428,8 @@ class WatchService:
             try:
                 job = open_job(self.layout, folder)
             except OSError as exc:
+                if is_disk_full(exc):
+                    raise  # paused, not given up on
                 log.error("cannot open job %s: %s", folder.name, exc)
                 self._skip_folders.add(folder.name)
                 continue
@@ -366,9 +443,15 @@ class WatchService:
     def _run_job(self, job: Job, header_error: CollageError | None) -> None:
         keep = False
         try:
+            if job.stage in ("claimed", "queued") and not os.path.lexists(job.input):
+                header_error = CollageError(
+                    "was removed from work/ before it was harmonized (by something other than "
+                    "the watcher): drop it into inbox/ again",
+                    path=job.name,
+                )
             if job.stage in ("claimed", "queued"):
                 if header_error is not None:
-                    job.mark_failed(self._report(job, header_error, internal=False))
+                    job.mark_failed(self._report(job, header_error, internal=False), "input")
                 elif self.farm:
                     self.farm.submit(job)  # locked by us until its result is in
                     self.farm.sync(time.monotonic())
@@ -391,7 +474,7 @@ class WatchService:
                 "or render it on a bigger machine with psd-collage render",
                 path=job.name,
             )
-            job.mark_failed(self._report(job, exc, internal=False))
+            job.mark_failed(self._report(job, exc, internal=False), "input")
             return True
         started = time.time()
         self.board.job_started(
@@ -451,16 +534,16 @@ class WatchService:
         else:
             if not isinstance(outcome.error, CollageError):
                 log.error("internal error on %s: %r", job.name, outcome.error)
-            job.mark_failed(outcome.report)
+            job.mark_failed(outcome.report, outcome.cause)
         return True
 
     def _finish(self, job: Job) -> None:
         try:
             placed = job.finalize()
         except OSError as exc:
-            log.error("cannot move the results of job %s (%s): %s", job.id, job.name, exc)
-            self._skip_folders.add(job.id)
-            return
+            placed = self._fail_unplaceable(job, exc)
+            if placed is None:
+                return
         state = job.state
         finished = state.get("finished_at") or time.time()
         entry = {
@@ -469,6 +552,7 @@ class WatchService:
             "outcome": state["stage"],
             **{k: str(p.relative_to(self.layout.root)) for k, p in placed.items()},
             "error": state.get("error"),
+            "cause": state.get("cause"),
             "attempt": state.get("attempt") or state.get("attempts"),
             "worker": state.get("worker"),
             "mtime": iso(state.get("mtime")),
@@ -488,6 +572,32 @@ class WatchService:
             log.info("done %s -> %s (%.1f s)", job.name, shown, entry.get("seconds", 0.0))
         else:
             log.warning("failed %s -> %s: %s", job.name, shown, state.get("error"))
+
+    def _fail_unplaceable(self, job: Job, exc: OSError) -> dict[str, Path] | None:
+        """A result that cannot go to done/ (read-only, ...) fails the job with the reason, so
+        that it does not sit in work/ unexplained; None when even failed/ cannot take it."""
+        where = _target_folder(exc)
+        reason = exc.strerror or str(exc)
+        if job.stage == "done":
+            error = CollageError(
+                f"was harmonized but its result could not be moved to {where}/ ({reason}): "
+                f"whoever runs the hot folder must make {where}/ writable, then retry it",
+                path=job.name,
+            )
+            job.mark_failed(self._report(job, error, internal=False), "service")
+            try:
+                return job.finalize()
+            except OSError as again:
+                where, reason = _target_folder(again), again.strerror or str(again)
+        message = (
+            f"cannot move {job.name} (job {job.id}) to {where}/ ({reason}): it stays in "
+            f"work/ until whoever runs the hot folder makes {where}/ writable and restarts"
+        )
+        log.error("%s", message)
+        self.board.message = message
+        self.board.write(force=True)
+        self._skip_folders.add(job.id)
+        return None
 
     def _durations(self, state: dict[str, Any], finished: float) -> dict[str, float]:
         """wait_s: ready -> started (the watcher's own latency); queue_s: queued -> started on
@@ -518,6 +628,7 @@ class WatchService:
         ]
         for handler in handlers:
             handler.setFormatter(fmt)
+            handler.addFilter(_one_printable_line)
             log.addHandler(handler)
         return handlers
 
@@ -572,3 +683,16 @@ class WatchService:
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(signum, previous)
         self._signals.clear()
+
+
+def _one_printable_line(record: logging.LogRecord) -> bool:
+    """File names come from designers: a newline or ESC in one must not forge log lines or
+    rewrite a terminal (escaped as ``\\x1b``; see :func:`terminal_safe`)."""
+    record.msg, record.args = terminal_safe(record.getMessage()), None
+    return True
+
+
+def _target_folder(exc: OSError) -> str:
+    """``done`` from a failed move's error (os.link names the source first, the target second)."""
+    target = exc.filename2 or exc.filename
+    return Path(str(target)).parent.name if target else "its folder"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from psd_collage.errors import CollageError, IncompleteFile
 
-from .layout import is_document, is_sidecar, sidecar_name
+from .layout import fits, is_document, is_dropped, sidecar_name, waiting_reason
 
 #: (size, mtime_ns, inode) of the document and of its sidecar (None when absent).
 Signature = tuple[tuple[int, int, int], tuple[int, int, int] | None]
@@ -69,8 +69,9 @@ class StabilityTracker:
         self._check = header_check
         self._wall = wall_clock
         self.candidates: dict[str, Candidate] = {}
-        self.ignored: set[str] = set()  # names logged once as "not a PSD/PSB"
+        self.ignored: set[str] = set()  # names logged once as waiting (see layout.waiting_reason)
         self.newly_ignored: list[str] = []
+        self.waiting: dict[str, str] = {}  # name -> why it stays in the inbox (not a job)
         self.refused: dict[str, str] = {}  # name -> why it is left alone (logged once)
         self.newly_refused: list[tuple[str, str]] = []
         self.newly_seen: list[Candidate] = []  # for the log: "found X"
@@ -84,9 +85,13 @@ class StabilityTracker:
         except FileNotFoundError:
             entries = {}
         seen = set()
+        self.waiting = {}
         for name, entry in entries.items():
-            if not is_document(name):
-                if not (name.startswith(".") or is_sidecar(name) or name in self.ignored):
+            if not is_dropped(name):
+                why = waiting_reason(name, entries)
+                if why is not None:
+                    self.waiting[name] = why
+                if why is not None and name not in self.ignored:
                     self.ignored.add(name)
                     self.newly_ignored.append(name)
                 continue
@@ -178,6 +183,8 @@ class StabilityTracker:
             self.candidates.pop(name, None)
 
     def _header(self, name: str) -> CollageError | None:
+        if not is_document(name):
+            return not_a_document(name)
         try:
             self._check(self.inbox / name)
         except CollageError as exc:
@@ -185,6 +192,18 @@ class StabilityTracker:
         except OSError as exc:
             return CollageError(f"cannot read the file: {exc.strerror}", path=name)
         return None
+
+
+def not_a_document(name: str) -> CollageError:
+    """The error of a dropped file that is not a .psd/.psb: it goes to failed/ like any bad
+    file, so that every drop is accounted for."""
+    suffix = Path(name).suffix.lower()
+    what = f"a {suffix} file" if suffix else "a file without a name ending"
+    return CollageError(
+        f"is {what}, not a Photoshop document (only .psd and .psb files are harmonized); "
+        "open it in Photoshop and File > Save As... Photoshop (.psd), then drop that file",
+        path=name,
+    )
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -201,7 +220,9 @@ def _sig(st: os.stat_result) -> tuple[int, int, int]:
 
 
 def _sidecar_sig(path: Path) -> tuple[int, int, int] | None:
+    if not fits(path.name):
+        return None  # ENAMETOOLONG: a document with a name this long has no sidecar
     try:
         return _sig(path.stat())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None

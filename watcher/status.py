@@ -33,7 +33,9 @@ means the watcher is gone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import socket
 import time
@@ -43,6 +45,18 @@ from pathlib import Path
 from typing import Any
 
 from psd_collage.atomic import atomic_write_text
+from psd_collage.errors import CollageError
+
+log = logging.getLogger("psd_collage.watch")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An error (or the OSError behind a CollageError) saying the disk or quota is full."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def iso(ts: float | None) -> str | None:
@@ -75,6 +89,7 @@ class StatusBoard:
         self.recent: deque[dict[str, Any]] = deque(self._previous_recent(keep), maxlen=keep)
         self.counts = {"done": 0, "failed": 0}
         self.message: str | None = None
+        self.stale = False  # the last write failed (see write)
         self._min_interval = min_interval
         self._heartbeat = heartbeat
         self._last_body: str | None = None
@@ -107,7 +122,18 @@ class StatusBoard:
             return False
         data = json.loads(body)
         data["updated"] = iso(time.time())
-        atomic_write_text(self.path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        try:
+            atomic_write_text(self.path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        except (OSError, CollageError) as exc:
+            # A full disk (or a read-only ROOT) must not stop the service: the status is
+            # written again once it can be; the log says why it is stale meanwhile.
+            if not self.stale:
+                log.warning("cannot write %s (%s): it is stale until it can", self.path.name, exc)
+            self.stale = True
+            return False
+        if self.stale:
+            log.info("%s is written again", self.path.name)
+        self.stale = False
         self._last_body, self._last_write = body, now
         return True
 

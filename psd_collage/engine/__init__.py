@@ -12,15 +12,6 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from .api import Engine, GenerationRequest, GenerationResult, SteeredPhrase, load_engine
-from .models import (
-    ModelComponents,
-    build_tiny_components,
-    build_tiny_pipeline,
-    load_components,
-    save_single_file,
-)
-
 __all__ = [
     "Engine",
     "GenerationRequest",
@@ -33,3 +24,28 @@ __all__ = [
     "load_engine",
     "save_single_file",
 ]
+
+#: Where each public name lives: imported on first use (PEP 562), so that the light
+#: modules (``captions``, ``catalog``) load without torch and diffusers.
+_HOMES = {
+    "Engine": "api",
+    "GenerationRequest": "api",
+    "GenerationResult": "api",
+    "SteeredPhrase": "api",
+    "load_engine": "api",
+    "ModelComponents": "models",
+    "build_tiny_components": "models",
+    "build_tiny_pipeline": "models",
+    "load_components": "models",
+    "save_single_file": "models",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -20,6 +20,7 @@ from diffusers import ControlNetModel
 from ..errors import SettingsError
 from ..settings import EngineOptions
 from .attention import AttentionRecorder, SteeringState, install_processors
+from .captions import PromptReader, clip_reader
 from .controlnet import ControlInputs, canny_edges, check_fits
 from .lora import LoadedLora, Originals, fuse_loras, unfuse_loras
 from .models import (
@@ -199,6 +200,10 @@ class Engine:
             self._lora_originals = fuse_loras(self.components, loras)
             self._loras = wanted
 
+    def prompt_reader(self) -> PromptReader:
+        """How this model reads a prompt: the render predicts steering with it before sampling."""
+        return clip_reader(self.components.tokenizers)
+
     def insert_tokens(self, prompt: str, tokens: dict[str, str]) -> str:
         """``prompt`` with each learned token before its caption, where steering locates it."""
         return insert_before_captions(self.components.tokenizers, prompt, tokens)
@@ -240,7 +245,7 @@ class Engine:
         progress: Callable[[int, int], None] | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(final latents (n, 4, h/8, w/8), original latents (1, 4, h/8, w/8)), float32, undecoded.
+        """(final latents (n, C, h/8, w/8), original latents (1, C, h/8, w/8)), float32, undecoded.
 
         For diagnostics and tests of the noise map: pixels of strength 0 come back as
         the original latents exactly.
@@ -415,6 +420,11 @@ class Engine:
         )
 
 
+def validate_request(request: GenerationRequest) -> None:
+    """Check a request's shapes (every engine family does, before any work)."""
+    _validate(request)
+
+
 def _validate(request: GenerationRequest) -> None:
     """Shapes are the caller's contract; a mismatch is a bug, not a user error."""
     image = request.image
@@ -439,7 +449,7 @@ def _validate(request: GenerationRequest) -> None:
 
 
 def load_engine(model: str | EngineOptions, **changes: Any) -> Engine:
-    """Load a model (``tiny``, ``tiny-sdxl``, a diffusers folder, a .safetensors file or a
+    """Load a model (``tiny``, ``tiny-sdxl``, ``tiny-flux``, ``tiny-sd3``, a diffusers folder, a .safetensors file or a
     hub id) onto the best device (CUDA fp16, MPS fp32, CPU fp32) unless told otherwise.
 
     ``load_engine(options)`` or ``load_engine("tiny", device="cpu", ...)``: the keywords
@@ -449,6 +459,13 @@ def load_engine(model: str | EngineOptions, **changes: Any) -> Engine:
         options = dataclasses.replace(model, **changes)
     else:
         options = EngineOptions(model=model, **changes)
+    from .flow_models import flow_family  # Flux / SD3: the flow-matching transformer engine
+
+    family = flow_family(options.model)
+    if family is not None:
+        from .flow import load_flow_engine
+
+        return load_flow_engine(options, family)
     resolved_device = resolve_device(options.device)
     resolved_dtype = resolve_dtype(options.dtype, resolved_device)
     check_scheduler(options.scheduler)  # an unknown name fails before a long load

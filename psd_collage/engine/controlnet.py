@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from ..errors import ModelError
+from ..errors import ModelError, SettingsError
 from .models import PICKLE_SUFFIXES, load_from_hub
 
 #: Thresholds of the canny ControlNets' training data (lllyasviel's annotator, the
@@ -110,6 +110,11 @@ def load_controlnet(
 ) -> ControlNetModel:
     """``tiny``, a diffusers ControlNet folder, a single ``.safetensors`` file or a hub id,
     checked to fit ``unet`` (SD 1.x ControlNets for SD 1.x models, SDXL ones for SDXL)."""
+    if not isinstance(unet, UNet2DConditionModel):  # a Flux / SD3 transformer
+        raise SettingsError(
+            f"--controlnet {source}: ControlNets work here with Stable Diffusion 1.x, 2.x and "
+            "SDXL models only, not with Flux or SD3: remove --controlnet and the canny tags"
+        )
     if source == TINY_CONTROLNET:
         return build_tiny_controlnet(unet)
     path = Path(source).expanduser()
@@ -157,7 +162,8 @@ def check_fits(controlnet: ControlNetModel, unet: UNet2DConditionModel, name: st
     """A ControlNet made for another model family fails here, not deep inside the UNet."""
     mine, theirs = controlnet.config, unet.config
     same = (
-        mine.get("cross_attention_dim") == theirs.get("cross_attention_dim")
+        mine.in_channels == theirs.in_channels  # latent channels: 4 for SD, 16 for SD3/Flux
+        and mine.get("cross_attention_dim") == theirs.get("cross_attention_dim")
         and tuple(mine.block_out_channels) == tuple(theirs.block_out_channels)
         and mine.get("addition_embed_type") == theirs.get("addition_embed_type")
     )
@@ -165,6 +171,7 @@ def check_fits(controlnet: ControlNetModel, unet: UNet2DConditionModel, name: st
         raise ModelError(
             f"ControlNet {name!r} was made for another kind of model than --model (its "
             f"cross-attention width is {mine.get('cross_attention_dim')}, the model's "
-            f"{theirs.get('cross_attention_dim')}): use a canny ControlNet for the same Stable "
+            f"{theirs.get('cross_attention_dim')}; its latent channels {mine.in_channels}, the "
+            f"model's {theirs.in_channels}): use a canny ControlNet for the same Stable "
             "Diffusion version (1.x or SDXL)"
         )

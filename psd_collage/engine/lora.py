@@ -20,7 +20,15 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import ModelError
+from .flow_models import FlowComponents
 from .models import PICKLE_SUFFIXES, ModelComponents, to_pipeline
+
+
+def _pipeline(components: ModelComponents | FlowComponents):
+    """The diffusers pipeline whose LoRA loader reads this family's LoRA formats."""
+    return (
+        components.pipeline() if isinstance(components, FlowComponents) else to_pipeline(components)
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,11 +80,13 @@ def read_lora(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torc
 Originals = dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def fuse_loras(components: ModelComponents, loras: Sequence[LoadedLora]) -> Originals:
+def fuse_loras(
+    components: ModelComponents | FlowComponents, loras: Sequence[LoadedLora]
+) -> Originals:
     """Fuse the LoRAs into the weights at their scales; returns the weights they replaced."""
     from diffusers.utils import logging as diffusers_logging
 
-    pipe = to_pipeline(components)
+    pipe = _pipeline(components)
     names = []
     for i, lora in enumerate(loras):
         name = f"lora{i}"
@@ -106,12 +116,12 @@ def fuse_loras(components: ModelComponents, loras: Sequence[LoadedLora]) -> Orig
             f"{loras[0].path}: this LoRA holds no layers that model {components.name!r} has"
         )
     pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
-    pipe.fuse_lora(components=_lora_components(components), adapter_names=names)
+    pipe.fuse_lora(components=_lora_components(components, pipe), adapter_names=names)
     pipe.unload_lora_weights()  # peft's wrappers go; the fused weights stay
     return originals
 
 
-def unfuse_loras(components: ModelComponents, originals: Originals) -> None:
+def unfuse_loras(components: ModelComponents | FlowComponents, originals: Originals) -> None:
     """Put back the weights :func:`fuse_loras` replaced: exactly the model before it."""
     modules = dict(components.modules())
     with torch.no_grad():
@@ -122,8 +132,11 @@ def unfuse_loras(components: ModelComponents, originals: Originals) -> None:
                 layer.bias.copy_(bias)
 
 
-def _lora_components(components: ModelComponents) -> list[str]:
-    return [name for name, _ in components.modules() if name != "vae"]
+def _lora_components(components: ModelComponents, pipe: object) -> list[str]:
+    names = [name for name, _ in components.modules() if name != "vae"]
+    # Flux's loader takes no LoRA for its T5 (text_encoder_2) and refuses to fuse one.
+    loadable = getattr(pipe, "_lora_loadable_modules", names)
+    return [name for name in names if name in loadable]
 
 
 def _originals(components: ModelComponents) -> Originals:
@@ -144,9 +157,10 @@ def _originals(components: ModelComponents) -> Originals:
 
 
 def save_tiny_lora(
-    components: ModelComponents, path: str | Path, *, rank: int = 4, seed: int = 0
+    components: ModelComponents | FlowComponents, path: str | Path, *, rank: int = 4, seed: int = 0
 ) -> Path:
-    """A random LoRA for ``components``' UNet, made offline with peft (tests, benchmarks).
+    """A random LoRA for ``components``' UNet or transformer, made offline with peft (tests,
+    benchmarks).
 
     peft initialises LoRA's B matrices to zero (no effect); they are random here so the
     LoRA visibly changes the picture. Saved in diffusers' format with diffusers' writer.
@@ -170,9 +184,10 @@ def save_tiny_lora(
                     torch.nn.init.normal_(layer.weight, std=0.5)
     layers = get_peft_model_state_dict(unet, adapter_name="tiny")
     path = Path(path)
-    to_pipeline(components).save_lora_weights(
+    denoiser = "transformer" if isinstance(components, FlowComponents) else "unet"
+    _pipeline(components).save_lora_weights(
         path.parent,
-        unet_lora_layers=layers,
+        **{f"{denoiser}_lora_layers": layers},
         weight_name=path.name,
         save_function=lambda tensors, target: atomic_write_bytes(
             target, save(tensors, metadata={"format": "pt"})

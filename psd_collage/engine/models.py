@@ -45,12 +45,10 @@ from transformers import (
 
 from ..errors import ModelError, SettingsError
 from ..settings import SCHEDULERS
+from .catalog import PACKAGED_MODELS, TINY_MODELS, typo_of_known_name
 from .tiny_vocab import build_tiny_tokenizer
 
 T = TypeVar("T")
-TINY_MODELS = {"tiny": "sd1", "tiny-sdxl": "sdxl"}
-#: Trained models shipped inside the package (diffusers folders), by ``--model`` name.
-PACKAGED_MODELS = {"shapes": Path(__file__).resolve().parent.parent / "shapes" / "weights"}
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth"}
 
 #: ``--scheduler`` names -> (diffusers class, config overrides), from the one list in settings.
@@ -229,7 +227,7 @@ def _tiny_text_config(tokenizer: CLIPTokenizer, **extra: Any) -> CLIPTextConfig:
     )
 
 
-def _tiny_vae() -> AutoencoderKL:
+def _tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
     # Four blocks: the real 8x downsampling, so latent geometry matches Stable Diffusion.
     return AutoencoderKL(
         in_channels=3,
@@ -238,17 +236,21 @@ def _tiny_vae() -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 32, 32),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=256,
     )
 
 
-def build_tiny_components(kind: str = "sd1", seed: int = 0) -> ModelComponents:
+def build_tiny_components(
+    kind: str = "sd1", seed: int = 0, *, latent_channels: int = 4
+) -> ModelComponents:
     """Small random-weight SD-1.x- or SDXL-shaped components, offline and deterministic.
 
     Shapes follow diffusers' own dummy test components; the native resolution is
-    256 px (UNet sample size 32 x the VAE's 8x). The global RNG is left untouched.
+    256 px (UNet sample size 32 x the VAE's 8x). ``latent_channels``: 4 as in Stable
+    Diffusion, 16 as in SD3 and Flux (the engine reads it from the VAE's config). The
+    global RNG is left untouched.
     """
     if kind not in ("sd1", "sdxl"):
         raise SettingsError(f"tiny models come as sd1 or sdxl, not {kind!r}")
@@ -258,8 +260,8 @@ def build_tiny_components(kind: str = "sd1", seed: int = 0) -> ModelComponents:
         if kind == "sd1":
             unet = UNet2DConditionModel(
                 sample_size=32,
-                in_channels=4,
-                out_channels=4,
+                in_channels=latent_channels,
+                out_channels=latent_channels,
                 block_out_channels=(32, 64),
                 layers_per_block=1,
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -267,14 +269,14 @@ def build_tiny_components(kind: str = "sd1", seed: int = 0) -> ModelComponents:
                 cross_attention_dim=32,
                 attention_head_dim=4,
             )
-            vae = _tiny_vae()
+            vae = _tiny_vae(latent_channels)
             encoders: list[torch.nn.Module] = [CLIPTextModel(_tiny_text_config(tokenizer))]
             tokenizers = [tokenizer]
         else:
             unet = UNet2DConditionModel(
                 sample_size=32,
-                in_channels=4,
-                out_channels=4,
+                in_channels=latent_channels,
+                out_channels=latent_channels,
                 block_out_channels=(32, 64, 64),
                 layers_per_block=1,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -288,7 +290,7 @@ def build_tiny_components(kind: str = "sd1", seed: int = 0) -> ModelComponents:
                 cross_attention_dim=64,  # both encoders' hidden states side by side
                 norm_num_groups=1,
             )
-            vae = _tiny_vae()
+            vae = _tiny_vae(latent_channels)
             tokenizer_2 = build_tiny_tokenizer(pad_token="!")
             encoders = [
                 CLIPTextModel(_tiny_text_config(tokenizer)),
@@ -312,10 +314,10 @@ def build_tiny_components(kind: str = "sd1", seed: int = 0) -> ModelComponents:
 
 
 def build_tiny_pipeline(
-    kind: str = "sd1", seed: int = 0
+    kind: str = "sd1", seed: int = 0, *, latent_channels: int = 4
 ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """The tiny components as a diffusers pipeline (to save, or to compare against)."""
-    return to_pipeline(build_tiny_components(kind, seed))
+    return to_pipeline(build_tiny_components(kind, seed, latent_channels=latent_channels))
 
 
 def to_pipeline(
@@ -369,12 +371,23 @@ def from_pipeline(pipe: Any, name: str) -> ModelComponents:
 
 
 def _checked(components: ModelComponents) -> ModelComponents:
-    """Refuse models our sampler cannot drive (inpainting UNets, unconditional UNets)."""
+    """Refuse models our sampler cannot drive (inpainting UNets, unconditional UNets).
+
+    Any latent channel count works (4 in Stable Diffusion, 16 in SD3 and Flux) as long as
+    the UNet denoises exactly the latents the VAE makes.
+    """
     config = components.unet.config
-    if config.in_channels != config.out_channels or config.in_channels != 4:
+    latent = components.vae.config.latent_channels
+    if config.in_channels != config.out_channels:
         raise ModelError(
-            f"model {components.name!r} has a {config.in_channels}-channel UNet (an inpainting or "
-            "special-purpose model): use a Stable Diffusion 1.x, 2.x or SDXL text-to-image model"
+            f"model {components.name!r} has a UNet with {config.in_channels} input and "
+            f"{config.out_channels} output channels (an inpainting or special-purpose model): "
+            "use a Stable Diffusion 1.x, 2.x or SDXL text-to-image model"
+        )
+    if config.in_channels != latent:
+        raise ModelError(
+            f"model {components.name!r} has a UNet for {config.in_channels} latent channels "
+            f"but a VAE that makes {latent}: its UNet and VAE do not belong together"
         )
     if not config.get("cross_attention_dim"):
         raise ModelError(f"model {components.name!r} has no text conditioning")
@@ -780,6 +793,8 @@ def load_components(
                 "checkpoint or a diffusers folder"
             )
         return _load_single_file(path, dtype)
+    if typo := typo_of_known_name(model):
+        raise ModelError(typo)
     looks_like_path = model.startswith((".", "/", "~", "\\")) or model.count("/") > 1
     if suffix in PICKLE_SUFFIXES | {".safetensors"} or looks_like_path:
         raise ModelError(f"model file or folder {model!r} does not exist")
@@ -788,3 +803,21 @@ def load_components(
             f"model {model!r} is neither an existing file or folder nor a Hugging Face model id"
         )
     return _load_hub(model, dtype, allow_pickle)
+
+
+def hub_offline() -> bool:
+    """Whether Hugging Face downloads are off (HF_HUB_OFFLINE, read now)."""
+    return _hub_offline()
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers within a few seconds."""
+    return _hub_reachable()
+
+
+def checkpoint_type(handle: Any) -> str:
+    """diffusers' model type of an open single-file checkpoint (``v1``, ``xl_base``,
+    ``flux-dev``, ``sd3`` ...), read from tensor shapes only."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    return infer_diffusers_model_type(_ShapeView(handle))

@@ -4,7 +4,9 @@ A latent pixel of strength ``s`` behaves like img2img with strength ``s``: until
 schedule reaches the step where that img2img would start, the pixel is the original
 latent re-noised to the current timestep (the "differential diffusion" form of the
 paper's per-layer noise); from then on it runs free. Pixels of strength 0 end as the
-original latents exactly. Variants are batched with one generator per seed, so a seed
+original latents exactly; pixels of strength 1 start from pure noise, as text-to-image
+does. With one strength everywhere and steering off, the loop is diffusers' img2img (or
+text-to-image) pipeline step for step (tests/test_engine_equivalence.py). Variants are batched with one generator per seed, so a seed
 gives the same image whatever else is in the batch.
 """
 
@@ -22,7 +24,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..errors import Cancelled
+from ..errors import Cancelled, plural
 from .attention import SteeringState, sigma_weight
 from .controlnet import ControlInputs
 
@@ -31,8 +33,9 @@ from .controlnet import ControlInputs
 def encode_posterior(
     vae: AutoencoderKL, image: np.ndarray, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, w, 3) float [0, 1] -> the VAE posterior's (mean, std), (1, 4, h/8, w/8) float32,
-    shifted and scaled as the UNet sees latents: ``mean + std * noise`` is a sample.
+    """(h, w, 3) float [0, 1] -> the VAE posterior's (mean, std), (1, C, h/8, w/8) float32
+    (C: the VAE's latent channels), shifted and scaled as the UNet sees latents:
+    ``mean + std * noise`` is a sample.
 
     The one VAE encoder: the sampler starts from the mean, textual inversion samples it.
     """
@@ -45,7 +48,7 @@ def encode_posterior(
 
 
 def encode_image(vae: AutoencoderKL, image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(h, w, 3) float [0, 1] -> latents (1, 4, h/8, w/8) float32; the posterior mean (deterministic)."""
+    """(h, w, 3) float [0, 1] -> latents (1, C, h/8, w/8) float32; the posterior mean (deterministic)."""
     return encode_posterior(vae, image, device)[0]
 
 
@@ -89,7 +92,7 @@ def too_few_steps(steps: int, max_strength: float) -> str:
     without a word."""
     needed = math.ceil(1.0 / max_strength - 1e-4)
     return (
-        f"the highest noise ({max_strength:.2f}) at {steps} steps runs no sampling step, so "
+        f"the highest noise ({max_strength:.2f}) at {plural(steps, 'step')} runs no sampling step, so "
         f"the picture comes back unchanged: use at least {needed} steps or more noise"
     )
 
@@ -161,9 +164,9 @@ def denoise(
     steering_schedule: str = DEFAULT_STEERING_SCHEDULE,
     pin_dilation: bool = DEFAULT_PIN_DILATION,
 ) -> torch.Tensor:
-    """Run the loop for ``len(seeds)`` variants; returns float32 latents (n, 4, h, w).
+    """Run the loop for ``len(seeds)`` variants; returns float32 latents (n, C, h, w).
 
-    ``original`` (1, 4, h, w) float32 latents, ``strength`` (1, 1, h, w) in [0, 1];
+    ``original`` (1, C, h, w) float32 latents (C: the VAE's channels), ``strength`` (1, 1, h, w) in [0, 1];
     ``control``: a ControlNet whose residuals, times its scale map, join the UNet's.
     ``steering_schedule`` and ``pin_dilation``: see :data:`STEERING_SCHEDULES` and
     :func:`dilate_pinned`.
@@ -183,6 +186,11 @@ def denoise(
     original = original.expand(n, -1, -1, -1)
     noise = randn_tensor(original.shape, generator=generators, device=device, dtype=torch.float32)
     latents = scheduler.add_noise(original, noise, timesteps[:1].repeat(n))
+    if start == 0:
+        # Pixels of strength 1 start from pure noise, as diffusers' text-to-image does:
+        # add_noise at the first timestep keeps a trace of the input (sqrt(alpha_bar) ~ 0.07
+        # at t = 981) and scales sigma schedulers' noise by sigma, not init_noise_sigma.
+        latents = torch.where(free_from == 0, noise * scheduler.init_noise_sigma, latents)
     step_kwargs = {}
     if "generator" in inspect.signature(scheduler.step).parameters:
         step_kwargs["generator"] = generators

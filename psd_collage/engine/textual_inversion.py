@@ -34,7 +34,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel
 
 from ..atomic import atomic_write_bytes
-from ..errors import Cancelled, CollageError
+from ..errors import Cancelled, CollageError, SettingsError
 from . import ti_cache
 from .sampler import encode_posterior, sdxl_time_ids
 from .ti_cache import cache_dir
@@ -154,6 +154,12 @@ def learn_inversions(
     cancel: Callable[[], bool] | None = None,
 ) -> list[LearnedToken]:
     """Like :func:`learn_tokens`, with each token's loss history and whether it was cached."""
+    if targets and not getattr(engine, "supports_textual_inversion", True):
+        raise SettingsError(
+            f"layer {targets[0].name!r} asks for textual inversion, which {engine.kind} models "
+            "do not support: remove its ti tag (or set ti off), or use a Stable Diffusion "
+            "1.x/2.x/SDXL model"
+        )
     plans = _cache_keys(engine, targets, settings)
     # Look every target up first, so that progress knows the total before the first step.
     components = engine.components

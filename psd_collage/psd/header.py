@@ -118,7 +118,7 @@ def read_header(path: Path, max_pixels: int | None) -> Header:
         with path.open("rb") as fh:
             head = fh.read(HEADER_BYTES)
             if not (head[:4] == b"8BPS" or (len(head) < 4 and b"8BPS".startswith(head))):
-                raise CollageError(_not_psd_message(head, size), path=path)
+                raise CollageError(_not_psd_message(head, size, path.suffix), path=path)
             if (
                 len(head) < HEADER_BYTES
             ):  # an empty file or a bare start: a copy that has only begun
@@ -142,7 +142,9 @@ def read_header(path: Path, max_pixels: int | None) -> Header:
     return header
 
 
-def _not_psd_message(head: bytes, size: int) -> str:
+def _not_psd_message(head: bytes, size: int, suffix: str) -> str:
+    """Why a file is not a PSD: what it is, by its first bytes; "renamed" only when its
+    name says .psd or .psb (``pic.png`` is a PNG image, not a renamed one)."""
     if size == 0:
         return "is empty (0 bytes): it is not a Photoshop file; save it again from Photoshop"
     what = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
@@ -157,9 +159,14 @@ def _not_psd_message(head: bytes, size: int) -> str:
             "is not a Photoshop file (no 8BPS signature); open it in Photoshop and "
             "File > Save As... Photoshop (.psd/.psb)"
         )
+    if suffix.lower() in (".psd", ".psb"):
+        return (
+            f"is not a Photoshop file: it looks like {what} renamed to {suffix}; open it in "
+            "Photoshop and File > Save As... Photoshop (.psd/.psb)"
+        )
     return (
-        f"is not a Photoshop file: it looks like {what} renamed to .psd; open it in "
-        "Photoshop and File > Save As... Photoshop (.psd/.psb)"
+        f"is {what}, not a Photoshop file: psd-collage reads layered .psd/.psb files; open "
+        "it in Photoshop, put its objects on named layers and File > Save As... Photoshop"
     )
 
 
@@ -194,7 +201,8 @@ def _check_header_fields(path: Path, h: Header, max_pixels: int | None) -> None:
         raise UnsupportedDocument(
             f"canvas {h.width} x {h.height} px ({h.width * h.height / 1e6:.1f} megapixels) "
             f"is over the limit of {max_pixels / 1e6:.3g} megapixels; reduce it with "
-            "Image > Image Size or raise the limit (--max-pixels, or max_pixels in a sidecar)",
+            "Image > Image Size, or ask whoever runs the service to raise max_pixels (an "
+            "operator's setting: --max-pixels, or max_pixels in collage.toml [policy])",
             path=path,
         )
 

@@ -18,6 +18,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from .xmp import parse_packet
+
 NAMESPACE = "https://github.com/psd-collage/psd-collage/ns/1.0/"
 PREFIX = "psdcollage"
 _RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
@@ -46,12 +48,7 @@ _PACKET_END = '\n<?xpacket end="w"?>'
 
 def _parse(data: bytes | None) -> ET.Element | None:
     """The ``x:xmpmeta`` (or bare ``rdf:RDF``) root, or None for no/unsafe/broken XMP."""
-    if not data or b"<!DOCTYPE" in data or b"<!ENTITY" in data:
-        return None  # no entity expansion from an untrusted file
-    try:
-        return ET.fromstring(data.strip(b"\x00\r\n\t "))
-    except ET.ParseError:
-        return None
+    return parse_packet(data.rstrip(b"\x00") if data else data)
 
 
 def read_renders(data: bytes | None) -> dict[str, dict[str, Any]]:

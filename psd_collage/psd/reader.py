@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from psd_tools.constants import Resource
 
 from .. import masks
 from ..collage import BaseImage, Collage, CollageLayer, DocumentInfo
-from ..errors import SettingsError, TagError, UnsupportedDocument
-from ..settings import LayerOptions, Settings, parse_tags, split_layer_name
+from ..errors import Cancelled, SettingsError, TagError, UnsupportedDocument
+from ..settings import LayerOptions, Settings, bracket_problem, parse_tags, split_layer_name
 from . import color
 from .boundary import diagnostics_as_warnings, psd_tools_errors, quiet_psd_tools
 from .composite import Compositor
@@ -54,33 +55,72 @@ class _Item:
 _DEFAULT_SETTINGS = Settings()  # frozen: safe to share as a default
 
 
-def read_collage(path: str | Path, settings: Settings = _DEFAULT_SETTINGS) -> Collage:
+def read_collage(
+    path: str | Path,
+    settings: Settings = _DEFAULT_SETTINGS,
+    *,
+    cancel: Callable[[], bool] | None = None,
+) -> Collage:
     """Read a PSD/PSB into a :class:`Collage` (docs/design.md section 1).
 
     Bad input raises a :class:`CollageError` subclass with a one-line message
-    naming the file; nothing psd-tools prints reaches the user.
+    naming the file; nothing psd-tools prints reaches the user. ``cancel`` is asked
+    before each layer is drawn (a job timeout covers reading): :class:`Cancelled`.
     """
     path = Path(path)
     header = read_header(path, settings.max_pixels)
     with quiet_psd_tools(lenient=settings.lenient) as diagnostics:
         with psd_tools_errors(path, "opening it"):
             psd = PSDImage.open(path)
+            check_layer_sizes(psd, path, settings.max_pixels)
         if len(psd) == 0:
             raise UnsupportedDocument(
                 "has no layers (a flattened image): add at least one layer in Photoshop "
                 "and save again",
                 path=path,
             )
-        reader = _Reader(path, psd, header, settings)
+        reader = _Reader(path, psd, header, settings, cancel)
         del psd  # the reader lets go of it half-way (see _Reader._release_document)
         collage = reader.read()
     collage.warnings.extend(diagnostics_as_warnings(diagnostics))
     return collage
 
 
+def check_layer_sizes(psd: PSDImage, path: Path, max_pixels: int) -> None:
+    """Refuse a layer or layer mask larger than ``max_pixels`` before any pixel is decoded.
+
+    Memory follows the boxes the file declares, not its size: a 670 KB file can hold a
+    13000 x 13000 ZIP layer on a 64 x 64 canvas. So each box is held to the same limit
+    as the canvas, and reading never decodes more than ``max_pixels`` per layer.
+    """
+    for layer in psd.descendants():
+        if layer.is_group():
+            continue
+        boxes = [("layer", layer.width, layer.height)]
+        if layer.has_mask() and layer.mask is not None:
+            boxes.append(("mask of layer", layer.mask.width, layer.mask.height))
+        for what, width, height in boxes:
+            if max(width, 0) * max(height, 0) > max_pixels:
+                raise UnsupportedDocument(
+                    f"the {what} {clean_text(layer.name)!r} is {width} x {height} px "
+                    f"({width * height / 1e6:.3g} megapixels), over the limit max_pixels="
+                    f"{max_pixels} (the operator's setting, --max-pixels); crop it to the "
+                    "canvas in Photoshop (Image > Crop, Delete Cropped Pixels) and save again",
+                    path=path,
+                )
+
+
 class _Reader:
-    def __init__(self, path: Path, psd: PSDImage, header: Header, settings: Settings) -> None:
+    def __init__(
+        self,
+        path: Path,
+        psd: PSDImage,
+        header: Header,
+        settings: Settings,
+        cancel: Callable[[], bool] | None = None,
+    ) -> None:
         self.path = path
+        self.cancel = cancel
         self.psd = psd
         self.settings = settings
         self.mode = SUPPORTED_MODES[header.mode]
@@ -126,6 +166,7 @@ class _Reader:
         )
         prompt = self._prompt(layers)
         negative = self._negative()
+        self._check_cancel()
         composite = self._flatten()
         base = self._base()
         overlay = self._overlay(live)
@@ -181,8 +222,14 @@ class _Reader:
         if unnamed:
             names = ", ".join(repr(name) for name in unnamed[:8])
             more = f" and {len(unnamed) - 8} more" if len(unnamed) > 8 else ""
+            if len(unnamed) == 1:
+                self.warnings.append(
+                    f"layer {names} has a default Photoshop name: it stays in the picture but "
+                    "is not steered; rename it to say what it shows"
+                )
+                return
             self.warnings.append(
-                f"{len(unnamed)} layer(s) have a default Photoshop name ({names}{more}): they "
+                f"{len(unnamed)} layers have a default Photoshop name ({names}{more}): they "
                 "stay in the picture but are not steered; rename them to say what they show"
             )
 
@@ -252,6 +299,8 @@ class _Reader:
             if isinstance(layer, AdjustmentLayer):
                 continue  # changes the composite below it, never a collage layer
             caption, options, tags, noise_source = self._options(layer, inherited)
+            if collect and (problem := bracket_problem(layer.name)):
+                self.warnings.append(f"layer {layer.name!r}: {problem}")
             if options.skip:
                 self.excluded.add(id(layer))
                 continue
@@ -339,6 +388,7 @@ class _Reader:
 
     def _collage_layer(self, item: _Item) -> CollageLayer | None:
         layer = item.layer
+        self._check_cancel()
         with psd_tools_errors(self.path, f"compositing layer {layer.name!r}"):
             drawn = self.compositor.layer_pixels(layer)
             sources = self._sources(layer)
@@ -359,6 +409,10 @@ class _Reader:
             noise_source=item.noise_source,
             layer_id=_layer_id(layer),
         )
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled()
 
     def _sources(self, layer: Layer) -> list[str]:
         """The PSD layers whose pixels this collage layer holds."""

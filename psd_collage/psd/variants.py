@@ -35,11 +35,20 @@ def read_variants(path: str | Path) -> list[np.ndarray]:
     """Every variant of the top-most ``[harmonized]`` group, first seed first (the
     writer puts it at the top of the group), each as :func:`read_variant` returns it;
     one read of the file."""
+    return [pixels for _, pixels in read_named_variants(path)]
+
+
+def read_named_variants(path: str | Path) -> list[tuple[str, np.ndarray]]:
+    """:func:`read_variants` with each variant's layer name (``seed 7``), to label them."""
     path, psd = _open(path)
     groups = _groups(psd)
     if not groups:
         raise CollageError("no [harmonized] group", path=path)
-    return [_on_canvas(psd, layer) for layer in reversed(list(groups[0])) if _is_variant(layer)]
+    return [
+        (layer.name, _on_canvas(psd, layer))
+        for layer in reversed(list(groups[0]))
+        if _is_variant(layer)
+    ]
 
 
 def _open(path: str | Path) -> tuple[Path, PSDImage]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring as _defused_fromstring
+
 from .names import clean_text
 
 _RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
@@ -11,13 +14,27 @@ _DC = "http://purl.org/dc/elements/1.1/"
 _XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 
 
+def parse_packet(data: bytes | None) -> ET.Element | None:
+    """The XMP packet's root element, or None for no, broken or unsafe XMP.
+
+    The file is untrusted: any DTD (and so any entity: billion laughs, external
+    entities) is refused by the parser itself, after decoding, so a DOCTYPE hidden in
+    UTF-16 is refused like one in UTF-8 (defusedxml; a byte search cannot see it).
+    """
+    if not data:
+        return None
+    try:
+        return _defused_fromstring(
+            data.strip(b"\r\n\t "), forbid_dtd=True, forbid_entities=True, forbid_external=True
+        )
+    except (ET.ParseError, DefusedXmlException, ValueError):
+        return None
+
+
 def xmp_description(data: bytes | None) -> str:
     """File > File Info > Description (XMP ``dc:description``), or ``""``."""
-    if not data or b"<!DOCTYPE" in data or b"<!ENTITY" in data:
-        return ""  # no entity expansion from an untrusted file
-    try:
-        root = ET.fromstring(data.strip(b"\x00\r\n\t "))
-    except ET.ParseError:
+    root = parse_packet(data.rstrip(b"\x00") if data else data)
+    if root is None:
         return ""
     for desc in root.iter(f"{{{_DC}}}description"):
         items = desc.findall(f".//{{{_RDF}}}li")

@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .psd import read_variants, write_scene_psd
+from ..atomic import atomic_write
+from ..collage import to_u8
+from ..preview import INPUT_LABEL, contact_sheet
+from .psd import write_scene_psd
 from .world import Scene, Shape, draw
 
 #: The demo's layout: three objects on grass, the backdrop at night.
@@ -33,6 +35,8 @@ DEMO_SCENE = Scene(
 #: How much each part may change: the pasted objects a lot, the night backdrop a little.
 OBJECT_TAGS = "[noise=0.6]"
 BACKDROP_TAGS = "[noise=0.3]"
+#: The figure's last panel: the same objects drawn under the scene's own light.
+TRUTH_LABEL = "truth"
 
 
 def write_demo(path: str | Path) -> Path:
@@ -46,19 +50,19 @@ def side_by_side(
     source: Path, rendered: Path, out: Path, *, truth: np.ndarray | None = None, scale: int = 3
 ) -> Path:
     """The input's composite, every variant of ``rendered``'s newest output group, then
-    ``truth`` if given; each enlarged ``scale`` times (nearest neighbour)."""
+    ``truth`` if given; each enlarged ``scale`` times (nearest neighbour) and named
+    underneath (input, seed N, truth)."""
     from psd_tools import PSDImage
 
-    panels = [np.asarray(PSDImage.open(source).composite().convert("RGB"), np.float32) / 255]
-    panels += read_variants(rendered)
+    from ..psd.variants import read_named_variants
+
+    composite = np.asarray(PSDImage.open(source).composite().convert("RGB"))
+    named = [(INPUT_LABEL, composite), *read_named_variants(rendered)]
     if truth is not None:
-        panels.append(truth)
-    height, width = panels[0].shape[:2]
-    gap = np.ones((height, 4, 3), np.float32)
-    row = np.concatenate([part for panel in panels for part in (panel, gap)][:-1], axis=1)
-    image = Image.fromarray(np.round(row * 255).astype(np.uint8))
-    image.resize((image.width * scale, height * scale), Image.NEAREST).save(out)
-    return out
+        named.append((TRUTH_LABEL, to_u8(truth)))
+    tiles = [np.kron(pixels, np.ones((scale, scale, 1), np.uint8)) for _, pixels in named]
+    sheet = contact_sheet(tiles, [label for label, _ in named])
+    return atomic_write(out, lambda fh: sheet.save(fh, format="PNG"))
 
 
 if __name__ == "__main__":

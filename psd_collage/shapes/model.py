@@ -5,11 +5,17 @@ with the usual 8x factor, CLIPTextModel + CLIPTokenizer over the world's vocabul
 UNet2DConditionModel), trained on the ``shapes`` world by
 :mod:`psd_collage.shapes.train`. The weights ship as package data, so ``--model shapes``
 loads offline through the same code path as any local diffusers folder.
+
+The sizes are an :class:`Architecture`: the default is the shipped model (its folder's
+configs, which is what ``--model shapes`` loads); :data:`ARCHITECTURES` names the others
+``python -m psd_collage.shapes.train --arch NAME`` can train.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -25,20 +31,58 @@ MAX_TOKENS = 32
 LATENT_SIZE = SIZE // 8
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """Widths and depths of the three trained parts; the defaults are the shipped model."""
+
+    latent_channels: int = 4  # 16 in SD3 and Flux: more colour and edge detail per latent
+    vae_blocks: tuple[int, ...] = (16, 32, 64, 64)  # four blocks: the usual 8x factor
+    vae_layers: int = 1
+    unet_blocks: tuple[int, ...] = (32, 64, 64)
+    unet_layers: int = 1
+    text_width: int = 64  # also the UNet's cross-attention width
+    text_layers: int = 2
+
+    def __post_init__(self) -> None:
+        if len(self.vae_blocks) != 4:
+            raise ValueError("the VAE needs four blocks: the 8x factor LATENT_SIZE assumes")
+        if len(self.unet_blocks) != 3:
+            raise ValueError("the UNet has three blocks (cross-attention at 16, 8 and 4 px)")
+        if any(width % 8 for width in (*self.vae_blocks, *self.unet_blocks)):
+            raise ValueError("block widths must be multiples of 8 (group norm of 8 groups)")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: The shipped model (VAE 0.98 M, UNet 1.49 M, text encoder 0.11 M parameters).
+SHIPPED = Architecture()
+#: The proposed stronger model (issue 19): 16 latent channels like SD3/Flux, a VAE twice
+#: as wide at full resolution, a UNet twice as wide (four times the parameters: 5.9 M),
+#: 17 MB in fp16; sized by ``train --probe`` to train in about 100 minutes on 2 cores.
+STRONG = Architecture(
+    latent_channels=16,
+    vae_blocks=(32, 64, 96, 96),
+    unet_blocks=(64, 128, 128),
+    text_width=96,
+)
+ARCHITECTURES: dict[str, Architecture] = {"shipped": SHIPPED, "strong": STRONG}
+
+
 def build_tokenizer() -> CLIPTokenizer:
     """A real CLIPTokenizer whose vocabulary makes each world word a single token."""
     vocab, merges = build_vocab(list(VOCABULARY))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
 
 
-def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    """A 2-layer CLIP text transformer, 64 wide."""
+def build_text_encoder(tokenizer: CLIPTokenizer, arch: Architecture = SHIPPED) -> CLIPTextModel:
+    """A small CLIP text transformer (shipped: 2 layers, 64 wide)."""
     return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
+            hidden_size=arch.text_width,
+            intermediate_size=2 * arch.text_width,
+            num_hidden_layers=arch.text_layers,
             num_attention_heads=4,
             max_position_embeddings=MAX_TOKENS,
             bos_token_id=tokenizer.bos_token_id,
@@ -48,32 +92,33 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     )
 
 
-def build_vae() -> AutoencoderKL:
-    """A small AutoencoderKL with the real 8x factor: 128 px -> 16 x 16 x 4 latents."""
+def build_vae(arch: Architecture = SHIPPED) -> AutoencoderKL:
+    """A small AutoencoderKL with the real 8x factor: 128 px -> 16 x 16 x C latents."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
+        block_out_channels=arch.vae_blocks,
+        layers_per_block=arch.vae_layers,
+        latent_channels=arch.latent_channels,
         norm_num_groups=8,
         sample_size=SIZE,
     )
 
 
-def build_unet() -> UNet2DConditionModel:
-    """About 1.5 M parameters: blocks 32/64/64, cross-attention at 16 x 16, 8 x 8 and 4 x 4."""
+def build_unet(arch: Architecture = SHIPPED) -> UNet2DConditionModel:
+    """Shipped: about 1.5 M parameters, blocks 32/64/64, cross-attention at 16 x 16, 8 x 8
+    and 4 x 4."""
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
+        in_channels=arch.latent_channels,
+        out_channels=arch.latent_channels,
+        block_out_channels=arch.unet_blocks,
+        layers_per_block=arch.unet_layers,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
+        cross_attention_dim=arch.text_width,
         attention_head_dim=8,
         norm_num_groups=8,
     )

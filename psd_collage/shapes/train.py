@@ -2,15 +2,19 @@
 
 Three stages, each resumable from its checkpoint in ``--work``:
 
-1. the VAE, on crops of freshly drawn world scenes (MSE + L1 + a small KL term), decoding
-   the posterior mean;
+1. the VAE, on crops of freshly drawn world scenes (MSE + L1 + a small KL term, optionally
+   an edge term and collages whose objects come from another light), decoding the
+   posterior mean;
 2. the latent cache: ``--scenes`` scenes encoded once (posterior means) with their prompts;
 3. the UNet and the text encoder jointly, on the cached latents (epsilon prediction,
    Stable Diffusion's noise schedule, 10 % caption dropout for classifier-free guidance,
    an EMA of the weights is what ships).
 
 Every batch is a function of ``--seed`` and the step, so a resumed run continues
-exactly. ``--probe`` times a few steps of each stage and exits. The loss log is
+exactly. ``--arch`` picks the sizes (:data:`~psd_collage.shapes.model.ARCHITECTURES`;
+the default is the shipped model, and with the other defaults the command reproduces
+its run). ``--probe`` times a few steps of each stage against the shipped
+configuration, projects the full run's wall time and the fp16 package size, and exits. The loss log is
 ``WORK/loss.csv``; the export writes the fp16 diffusers folder, the loss curve PNG and
 ``training.json`` (steps, wall time, final losses) into ``--out``.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import json
 import math
 import time
@@ -33,17 +38,23 @@ from tqdm import tqdm
 
 from ..atomic import atomic_open, atomic_write_text
 from .model import (
+    ARCHITECTURES,
+    LATENT_SIZE,
+    SHIPPED,
     WEIGHTS_DIR,
+    Architecture,
     build_scheduler,
     build_text_encoder,
     build_tokenizer,
     build_unet,
     build_vae,
 )
-from .world import draw, random_scenes
+from .world import LIGHTS, draw, draw_collages, random_scenes
 
 CAPTION_DROPOUT = 0.1
 KL_WEIGHT = 1e-6
+#: Scenes the probe encodes per timed call of the cache stage.
+PROBE_SCENES = 32
 
 
 def _pixels(images: np.ndarray) -> torch.Tensor:
@@ -73,9 +84,21 @@ def _lr(step: int, steps: int, base: float, warmup: int = 100) -> float:
 
 
 def _crops(args: argparse.Namespace, step: int) -> torch.Tensor:
-    """A VAE batch: random ``--vae-crop`` px crops of freshly drawn scenes (same pixel scale)."""
+    """A VAE batch: random ``--vae-crop`` px crops of freshly drawn scenes (same pixel scale);
+    a ``--mixed-light`` share of them collages whose objects come from another light."""
     seed = args.seed * 1_000_003 + step
-    images = draw(random_scenes(args.vae_batch, seed=seed)).images
+    scenes = random_scenes(args.vae_batch, seed=seed)
+    if args.mixed_light > 0:
+        mix = np.random.default_rng([seed, 1])  # apart from the crops' generator below
+        lights = [
+            str(mix.choice([other for other in LIGHTS if other != s.light]))
+            if mix.random() < args.mixed_light
+            else s.light
+            for s in scenes
+        ]
+        images = draw_collages(scenes, lights)
+    else:
+        images = draw(scenes).images
     rng = np.random.default_rng(seed)
     c = args.vae_crop
     corners = rng.integers(0, images.shape[1] - c + 1, (len(images), 2))
@@ -84,14 +107,60 @@ def _crops(args: argparse.Namespace, step: int) -> torch.Tensor:
     )
 
 
+def _edges(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Horizontal and vertical neighbour differences: where edges are."""
+    return images[..., :, 1:] - images[..., :, :-1], images[..., 1:, :] - images[..., :-1, :]
+
+
+def vae_loss(vae: Any, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """One VAE batch's loss (training and --probe run this very step)."""
+    posterior = vae.encode(x).latent_dist
+    # The posterior mean, as the engine encodes: a sample's noise (std ~1 at the start,
+    # against latents of std ~2.5) kept the decoder blurry for hundreds of steps.
+    recon = vae.decode(posterior.mode()).sample
+    loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+    if args.edge_weight > 0:  # blurred edges cost little MSE; their gradients cost more
+        (rx, ry), (xx, xy) = _edges(recon), _edges(x)
+        loss = loss + args.edge_weight * (F.l1_loss(rx, xx) + F.l1_loss(ry, xy))
+    return loss + args.kl_weight * posterior.kl().mean()
+
+
+def _arch(args: argparse.Namespace) -> Architecture:
+    """``--arch`` with the sizes given on the command line instead of its own."""
+    sizes = {
+        "latent_channels": args.latent_channels,
+        "vae_blocks": args.vae_blocks,
+        "unet_blocks": args.unet_blocks,
+        "unet_layers": args.unet_layers,
+        "text_width": args.text_width,
+    }
+    given = {key: value for key, value in sizes.items() if value is not None}
+    return dataclasses.replace(ARCHITECTURES[args.arch], **given)
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
+
+
+def _resume(ckpt: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The checkpoint's state, or None; one made for another --arch is refused."""
+    if not ckpt.exists():
+        return None
+    state = torch.load(ckpt, weights_only=False)
+    made_for = state.get("arch", SHIPPED.as_dict())
+    if made_for != _arch(args).as_dict():
+        raise SystemExit(f"{ckpt}: made for other model sizes than these; use another --work")
+    return state
+
+
 def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:
     """Stage 1: the autoencoder on drawn scenes."""
     torch.manual_seed(args.seed)
-    vae = build_vae()
+    vae = build_vae(_arch(args))
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     ckpt, start, elapsed = work / "vae.pt", 0, 0.0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+    state = _resume(ckpt, args)
+    if state is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start, elapsed = state["step"], state["elapsed"]
@@ -101,13 +170,7 @@ def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr(step, args.vae_steps, args.vae_lr, warmup=50)
-        x = _crops(args, step)
-        posterior = vae.encode(x).latent_dist
-        # The posterior mean, as the engine encodes: a sample's noise (std ~1 at the start,
-        # against latents of std ~2.5) kept the decoder blurry for hundreds of steps.
-        recon = vae.decode(posterior.mode()).sample
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
-        loss = loss + KL_WEIGHT * posterior.kl().mean()
+        loss = vae_loss(vae, _crops(args, step), args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -119,6 +182,7 @@ def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:
                 ckpt,
                 {
                     "model": vae.state_dict(),
+                    "arch": _arch(args).as_dict(),
                     "opt": opt.state_dict(),
                     "step": step + 1,
                     "elapsed": time.perf_counter() - t0,
@@ -168,17 +232,33 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.lerp_(p, 1.0 - decay)
 
 
+def unet_loss(
+    unet: Any,
+    text: Any,
+    x0: torch.Tensor,
+    tok: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    alphas: torch.Tensor,
+) -> torch.Tensor:
+    """Epsilon prediction on one batch (training and --probe run this very step)."""
+    a = alphas[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    pred = unet(noisy, t, encoder_hidden_states=text(tok)[0]).sample
+    return F.mse_loss(pred, noise)
+
+
 def train_unet(args: argparse.Namespace, work: Path, cache: dict[str, Any]) -> tuple[Any, Any]:
     """Stage 3: UNet + text encoder jointly; returns their EMA copies."""
     torch.manual_seed(args.seed + 1)
     tokenizer = build_tokenizer()
-    unet, text = build_unet(), build_text_encoder(tokenizer)
+    unet, text = build_unet(_arch(args)), build_text_encoder(tokenizer, _arch(args))
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
     ckpt, start, elapsed = work / "unet.pt", 0, 0.0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+    state = _resume(ckpt, args)
+    if state is not None:
         for module, key in (
             (unet, "unet"),
             (text, "text"),
@@ -207,10 +287,7 @@ def train_unet(args: argparse.Namespace, work: Path, cache: dict[str, Any]) -> t
         tok[drop] = empty[0]
         t = torch.randint(0, len(alphas), (args.batch,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = unet(noisy, t, encoder_hidden_states=text(tok)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = unet_loss(unet, text, x0, tok, t, noise, alphas)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -229,6 +306,7 @@ def train_unet(args: argparse.Namespace, work: Path, cache: dict[str, Any]) -> t
                     "text": text.state_dict(),
                     "ema_unet": ema_unet.state_dict(),
                     "ema_text": ema_text.state_dict(),
+                    "arch": _arch(args).as_dict(),
                     "opt": opt.state_dict(),
                     "step": step + 1,
                     "elapsed": time.perf_counter() - t0,
@@ -270,6 +348,12 @@ def export(
     unet_done = max(int(r["step"]) for r in rows if r["stage"] == "unet") + 1
     stats = {
         "seed": args.seed,
+        "arch": {"name": args.arch, **_arch(args).as_dict()},
+        "vae_loss": {
+            "kl_weight": args.kl_weight,
+            "edge_weight": args.edge_weight,
+            "mixed_light": args.mixed_light,
+        },
         "vae_steps": args.vae_steps,
         "vae_batch": args.vae_batch,
         "unet_steps": unet_done,
@@ -308,44 +392,110 @@ def plot_loss(rows: list[dict[str, str]], path: Path) -> None:
     plt.close(fig)
 
 
+class _Rig:
+    """One configuration's modules and optimizers, stepped exactly as training steps them."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        torch.manual_seed(args.seed)
+        arch, tokenizer = _arch(args), build_tokenizer()
+        self.args, self.arch = args, arch
+        self.vae = build_vae(arch)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=args.vae_lr)
+        self.unet, self.text = build_unet(arch), build_text_encoder(tokenizer, arch)
+        self.ema = copy.deepcopy(self.unet), copy.deepcopy(self.text)
+        self.params = list(self.unet.parameters()) + list(self.text.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=args.unet_lr, weight_decay=1e-2)
+        self.alphas = build_scheduler().alphas_cumprod.float()
+        prompts = [scene.prompt for scene in random_scenes(args.batch, seed=args.seed)]
+        self.ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    def vae_step(self, step: int) -> None:
+        loss = vae_loss(self.vae, _crops(self.args, step), self.args)
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.vae_opt.step()
+
+    @torch.no_grad()
+    def cache_step(self, step: int) -> None:
+        """Encode :data:`PROBE_SCENES` scenes, as the cache stage does."""
+        self.vae.encode(_pixels(draw(random_scenes(PROBE_SCENES, seed=step)).images))
+
+    def unet_step(self, step: int) -> None:
+        g = torch.Generator().manual_seed(step)
+        shape = (self.args.batch, self.arch.latent_channels, LATENT_SIZE, LATENT_SIZE)
+        x0, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        t = torch.randint(0, len(self.alphas), (self.args.batch,), generator=g)
+        loss = unet_loss(self.unet, self.text, x0, self.ids, t, noise, self.alphas)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        _ema_update(self.ema[0], self.unet, 0.995)
+        _ema_update(self.ema[1], self.text, 0.995)
+
+    def fp16_megabytes(self) -> float:
+        modules = (self.vae, self.unet, self.text)
+        return sum(p.numel() for m in modules for p in m.parameters()) * 2 / 1e6
+
+
+def _median_seconds(rigs: list[_Rig], work: str, repeats: int) -> list[float]:
+    """Seconds per call of ``work`` for each rig, interleaved so that load from other
+    jobs on the cores hits every rig alike; one untimed call each first (allocation)."""
+    times: list[list[float]] = [[] for _ in rigs]
+    for repeat in range(repeats + 1):
+        for k, rig in enumerate(rigs):
+            t0 = time.perf_counter()
+            getattr(rig, work)(repeat)
+            if repeat > 0:
+                times[k].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
+
+
 def probe(args: argparse.Namespace) -> None:
-    """Time a few steps of each stage (seconds per step), without writing anything."""
-    vae, unet = build_vae(), build_unet()
-    text = build_text_encoder(build_tokenizer())
+    """Time each stage's step for ``args`` against the shipped configuration in the same
+    run, and project the full run: the shipped run's wall time (``training.json``, idle
+    2 cores) times the measured ratio times the step counts. Writes nothing."""
+    shipped = json.loads((WEIGHTS_DIR / "training.json").read_text())
+    baseline = argparse.Namespace(**{**vars(_parser().parse_args([])), "seed": args.seed})
+    rigs = [_Rig(baseline), _Rig(args)]
+    for name, rig in (("shipped", rigs[0]), ("proposed", rigs[1])):
+        counts = [
+            sum(p.numel() for p in m.parameters()) / 1e6 for m in (rig.vae, rig.unet, rig.text)
+        ]
+        print(
+            f"{name}: vae {counts[0]:.2f}M, unet {counts[1]:.2f}M, text {counts[2]:.2f}M "
+            f"parameters; fp16 weights {rig.fp16_megabytes():.1f} MB"
+        )
+    stages = [  # (stage, work, shipped units, proposed units, what a unit is)
+        ("vae", "vae_step", shipped["vae_steps"], args.vae_steps, f"steps x {args.vae_batch}"),
+        ("cache", "cache_step", shipped["scenes"] / PROBE_SCENES, args.scenes / PROBE_SCENES, ""),
+        ("unet", "unet_step", shipped["unet_steps"], args.unet_steps, f"steps x {args.batch}"),
+    ]
+    print(f"proposed: {_arch(args)}")
+    print(f"{'stage':6} {'shipped s':>10} {'proposed s':>10} {'ratio':>6}  projected")
+    total = 0.0
+    for stage, work, shipped_units, units, unit in stages:
+        base, mine = _median_seconds(rigs, work, args.probe_steps)
+        per_unit = shipped["seconds"][stage] / shipped_units  # idle 2 cores, measured
+        projected = per_unit * (mine / base) * units
+        total += projected
+        print(
+            f"{stage:6} {base:10.3f} {mine:10.3f} {mine / base:5.2f}x  "
+            f"{projected / 60:6.1f} min ({int(units) if unit else args.scenes} {unit or 'scenes'})"
+        )
     print(
-        f"params: vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, "
-        f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
-        f"text {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M"
+        f"total projected: {total / 60:.0f} min on an idle 2-core CPU "
+        f"(shipped run: {sum(shipped['seconds'].values()) / 60:.0f} min)"
     )
-    opt = torch.optim.AdamW(list(vae.parameters()))
-    t0 = time.perf_counter()
-    for step in range(3):
-        x = _pixels(draw(random_scenes(args.vae_batch, seed=step)).images)
-        post = vae.encode(x).latent_dist
-        loss = F.mse_loss(vae.decode(post.sample()).sample, x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    print(f"vae: {(time.perf_counter() - t0) / 3:.2f} s/step at batch {args.vae_batch}")
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        vae.encode(_pixels(draw(random_scenes(64, seed=0)).images))
-    print(f"cache: {(time.perf_counter() - t0) / 64 * 1000:.1f} ms/scene")
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params)
-    ids = torch.randint(0, 40, (args.batch, 32))
-    t0 = time.perf_counter()
-    for _ in range(5):
-        x = torch.randn(args.batch, 4, 16, 16)
-        t = torch.randint(0, 1000, (args.batch,))
-        loss = F.mse_loss(unet(x, t, encoder_hidden_states=text(ids)[0]).sample, x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    print(f"unet: {(time.perf_counter() - t0) / 5:.2f} s/step at batch {args.batch}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="train_work", help="checkpoints, cache and loss log")
     parser.add_argument("--out", default=str(WEIGHTS_DIR), help="the diffusers folder to write")
@@ -354,6 +504,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-crop", type=int, default=64)
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="shipped")
+    parser.add_argument("--latent-channels", type=int, help="instead of the --arch's")
+    parser.add_argument("--vae-blocks", type=_widths, help="four widths, e.g. 32,64,96,96")
+    parser.add_argument("--unet-blocks", type=_widths, help="three widths, e.g. 64,128,128")
+    parser.add_argument("--unet-layers", type=int, help="layers per UNet block")
+    parser.add_argument("--text-width", type=int, help="text encoder (cross-attention) width")
+    parser.add_argument("--kl-weight", type=float, default=KL_WEIGHT)
+    parser.add_argument(
+        "--edge-weight", type=float, default=0.0, help="L1 on neighbour differences (edges)"
+    )
+    parser.add_argument(
+        "--mixed-light",
+        type=float,
+        default=0.0,
+        help="share of VAE scenes whose objects come from another light (collages)",
+    )
     parser.add_argument("--scenes", type=int, default=4096)
     parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=32)
@@ -363,14 +529,21 @@ def main(argv: list[str] | None = None) -> None:
     # Two threads on an idle 2-core machine; with other jobs on the cores use one (two
     # threads then ran 5-8x slower: torch's workers spin waiting for each other).
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--probe", action="store_true", help="time a few steps and exit")
+    parser.add_argument(
+        "--probe", action="store_true", help="time a few steps, project the run, and exit"
+    )
+    parser.add_argument("--probe-steps", type=int, default=4, help="timed steps per stage")
     parser.add_argument(
         "--stop-at",
         type=int,
         default=None,
         help="end the UNet stage at this step (a checkpoint's step: export it as it is)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.probe:
         probe(args)

@@ -244,3 +244,18 @@ def layer_rgba(drawn: Drawn, index: int, slot: int) -> np.ndarray:
     shade = 1.0 - 0.10 * (yy - yy.mean()) / SIZE
     surface = apply_light(np.float32(COLOURS[s.colour]) * shade[..., None], scene.light)
     return np.concatenate([surface, drawn.alphas[index, slot][..., None]], axis=-1)
+
+
+def draw_collages(scenes: list[Scene], object_lights: list[str], size: int = SIZE) -> np.ndarray:
+    """(n, h, w, 3) collages: each scene's objects as drawn under ``object_lights[i]``,
+    pasted onto the scene's own backdrop (what a user's PSD holds before harmonizing;
+    the VAE must reconstruct these colours too, not only naturally lit ones)."""
+    drawn = draw(scenes, size)
+    relit = draw([s.lit(light) for s, light in zip(scenes, object_lights, strict=True)], size)
+    images = drawn.backdrops.copy()
+    for i, scene in enumerate(scenes):
+        for slot in range(len(scene.objects)):
+            rgba = layer_rgba(relit, i, slot)
+            alpha = rgba[..., 3:]
+            images[i] = images[i] * (1.0 - alpha) + rgba[..., :3] * alpha
+    return images

@@ -57,6 +57,7 @@ function failureItem(job) {
     el("div", { class: "name" }, job.name),
     el("div", { class: "reason" }, job.error || "failed"),
     el("div", { class: "meta" }, job.finished ? `at ${when(job.finished)} ` : ""),
+    job.note ? el("div", { class: "meta note" }, job.note) : null,
     job.id && job.retryable !== false
       ? el("button", { onclick: () => act("POST", `/api/jobs/${job.id}/retry`) }, "Retry")
       : null);

@@ -1,0 +1,74 @@
+"""Training the ``shapes`` model: the default sizes are the shipped model's, and the
+proposed stronger configuration (16 latent channels, wider VAE and UNet) trains,
+exports and renders through the engine (two steps per stage: a smoke run, not a model)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from psd_collage.engine import GenerationRequest, load_engine
+from psd_collage.shapes import model, train
+from psd_collage.shapes.world import SIZE, draw, draw_collages, random_scenes
+
+
+def _config(folder: str) -> dict:
+    return json.loads((model.WEIGHTS_DIR / folder / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("folder", "build"),
+    [
+        ("vae", lambda: model.build_vae()),
+        ("unet", lambda: model.build_unet()),
+        ("text_encoder", lambda: model.build_text_encoder(model.build_tokenizer())),
+    ],
+)
+def test_the_default_sizes_are_the_shipped_models(folder, build):
+    shipped = _config(folder)
+    built = build().config
+    built = built.to_dict() if hasattr(built, "to_dict") else dict(built)
+    ignored = {"scaling_factor", "dtype", "torch_dtype", "_diffusers_version", "_class_name"}
+    ignored |= {"transformers_version", "architectures", "_name_or_path", "_use_default_values"}
+    for key, value in shipped.items():
+        if key in ignored or key.startswith("_"):
+            continue
+        mine = built.get(key)
+        mine = list(mine) if isinstance(mine, tuple) else mine
+        assert mine == value, (folder, key, mine, value)
+
+
+def test_collages_are_scenes_whose_objects_come_from_another_light():
+    scenes = random_scenes(3, seed=5)
+    same = draw_collages(scenes, [s.light for s in scenes])
+    np.testing.assert_array_equal(same, draw(scenes).images)  # one light: the plain scene
+    other = draw_collages(scenes, ["night" if s.light != "night" else "day" for s in scenes])
+    objects = draw(scenes).alphas.max(axis=1) > 0
+    changed = np.abs(other - same).max(axis=-1) > 1e-6
+    assert changed[objects].mean() > 0.9 and not changed[~objects].any()
+
+
+def test_the_strong_configuration_trains_exports_and_renders(tmp_path):
+    out = tmp_path / "weights"
+    flags = ["--arch", "strong", "--work", str(tmp_path / "work"), "--out", str(out)]
+    sizes = ["--vae-steps", "2", "--vae-batch", "2", "--scenes", "8", "--unet-steps", "2"]
+    recipe = ["--batch", "4", "--threads", "1", "--edge-weight", "0.5", "--mixed-light", "0.5"]
+    train.main([*flags, *sizes, *recipe])
+    stats = json.loads((out / "training.json").read_text())
+    assert stats["arch"]["name"] == "strong" and stats["arch"]["latent_channels"] == 16
+    assert stats["vae_loss"] == {"kl_weight": 1e-6, "edge_weight": 0.5, "mixed_light": 0.5}
+    engine = load_engine(str(out), device="cpu", dtype="fp32")
+    assert engine.components.vae.config.latent_channels == 16
+    request = GenerationRequest(
+        image=draw(random_scenes(1, seed=2)).images[0],
+        strength=np.full((SIZE, SIZE), 0.5, np.float32),
+        prompt="a red circle on grass in daylight",
+        steps=2,
+    )
+    latents, _ = engine.sample_latents(request)
+    assert latents.shape == (1, 16, SIZE // 8, SIZE // 8)
+    # Resuming with other sizes is refused instead of loading mismatched weights.
+    with pytest.raises(SystemExit, match="other model sizes"):
+        train.main([*flags[2:], *sizes, "--batch", "4", "--threads", "1"])

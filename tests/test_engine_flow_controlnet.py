@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from engine_helpers import box_mask, random_image, tiny_engine
+from engine_helpers import IMAGE_ATOL, box_mask, random_image, tiny_engine
 from psd_tools import PSDImage
+from safetensors.torch import save_file
 
 from psd_collage.engine import GenerationRequest
 from psd_collage.engine.controlnet import load_controlnet
@@ -64,31 +65,35 @@ def test_canny_one_changes_its_own_region_and_canny_zero_gets_nothing(kind, with
 
 def _controlnet_arguments(kind: str, transformer) -> tuple:
     """Random transformer inputs of the right shapes for latents 8 x 16 (one row)."""
-    config = transformer.config
-    hidden = torch.randn(1, 8, config.joint_attention_dim)
-    pooled = torch.randn(1, config.pooled_projection_dim)
+    config, on = transformer.config, {"device": transformer.device, "dtype": transformer.dtype}
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(**on)
+
+    hidden = randn(1, 8, config.joint_attention_dim)
+    pooled = randn(1, config.pooled_projection_dim)
     if kind == "flux":
         extra = {
-            "txt_ids": torch.zeros(8, 3),
-            "img_ids": image_ids((8, 16), torch.device("cpu"), torch.float32),
-            "guidance": torch.tensor([3.5]),
+            "txt_ids": torch.zeros(8, 3, **on),
+            "img_ids": image_ids((8, 16), **on),
+            "guidance": torch.tensor([3.5], **on),
         }
-        return pack_latents(torch.randn(1, 16, 8, 16)), torch.tensor([0.5]), hidden, pooled, extra
-    return torch.randn(1, 16, 8, 16), torch.tensor([500.0]), hidden, pooled, {}
+        tokens = pack_latents(randn(1, 16, 8, 16))
+        return tokens, torch.tensor([0.5], **on), hidden, pooled, extra
+    return randn(1, 16, 8, 16), torch.tensor([500.0], device=on["device"]), hidden, pooled, {}
 
 
 @pytest.mark.parametrize("kind", MODELS)
 def test_every_block_residual_is_the_controlnets_where_canny_is_one_and_zero_elsewhere(kind):
-    components = tiny_engine(MODELS[kind]).components
-    transformer, vae = components.transformer, components.vae
+    engine = tiny_engine(MODELS[kind])
+    transformer, vae = engine.components.transformer, engine.components.vae
     controlnet = load_controlnet("tiny", transformer)
-    image = random_image(H, W)
-    left = flow_control_inputs(
-        controlnet, transformer, vae, image, box_mask(H, W, 0, 0, H, W // 2), "cpu"
-    )
-    full = flow_control_inputs(
-        controlnet, transformer, vae, image, np.ones((H, W), np.float32), "cpu"
-    )
+    controlnet.to(engine.device)
+    image, left_half = random_image(H, W), box_mask(H, W, 0, 0, H, W // 2)
+    left = flow_control_inputs(controlnet, transformer, vae, image, left_half, engine.device)
+    ones = np.ones((H, W), np.float32)
+    full = flow_control_inputs(controlnet, transformer, vae, image, ones, engine.device)
     assert left.scale.shape == (1, 4 * 8, 1)  # the 4 x 8 token grid of 2 x 2 latent patches
     arguments = _controlnet_arguments(kind, transformer)
     with torch.no_grad():
@@ -111,7 +116,17 @@ def test_a_saved_controlnet_folder_loads_back_with_the_same_effect(kind, tmp_pat
     control = box_mask(H, W, 0, 0, H, W // 2)
     held = _generate(with_controlnet(kind), control)
     loaded = _generate(with_controlnet(kind, str(tmp_path / "canny")), control)
-    np.testing.assert_allclose(loaded, held, atol=1e-5)
+    np.testing.assert_allclose(loaded, held, atol=IMAGE_ATOL)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_a_single_file_controlnet_is_one_clear_error_asking_for_the_folder(kind, tmp_path):
+    transformer = tiny_engine(MODELS[kind]).components.transformer
+    path = tmp_path / "canny.safetensors"
+    save_file(load_controlnet("tiny", transformer).state_dict(), str(path))
+    with pytest.raises(ModelError, match="only as a folder: point --controlnet at its") as refused:
+        load_controlnet(str(path), transformer)
+    assert str(path) in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_a_controlnet_for_another_family_is_one_clear_error(tmp_path):

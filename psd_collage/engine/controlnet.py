@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel
+from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
 from ..errors import ModelError
 from .models import PICKLE_SUFFIXES, load_from_hub
@@ -160,7 +161,7 @@ def read_controlnet(
         if path.is_dir():
             return from_pretrained(str(path), True)
         if path.is_file():
-            if not hasattr(default_class, "from_single_file"):
+            if default_class.__name__ not in SINGLE_FILE_LOADABLE_CLASSES:  # Flux, SD3
                 raise ModelError(
                     f"{path}: diffusers reads this kind of ControlNet ({default_class.__name__}) "
                     "only as a folder: point --controlnet at its diffusers folder "

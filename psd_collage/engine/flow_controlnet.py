@@ -81,8 +81,8 @@ def load_flow_controlnet(
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
 ) -> ModelMixin:
-    """``tiny``, a diffusers folder, a single ``.safetensors`` (SD3; diffusers reads Flux
-    ControlNets only as folders) or a hub id, checked to fit ``transformer``."""
+    """``tiny``, a diffusers folder or a hub id, checked to fit ``transformer`` (diffusers
+    0.42 reads Flux and SD3 ControlNets only as folders: a single file is one error)."""
     with warnings.catch_warnings():
         # diffusers' own FluxControlNetModel builds the FluxPosEmbed it has deprecated
         # (diffusers 0.42): a FutureWarning on every load that no user can act on

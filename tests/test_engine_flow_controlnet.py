@@ -5,23 +5,29 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from engine_helpers import IMAGE_ATOL, box_mask, random_image, tiny_engine
+from diffusers import FluxControlNetPipeline, StableDiffusion3ControlNetPipeline
+from engine_helpers import DTYPE, IMAGE_ATOL, box_mask, random_image, tiny_engine
 from psd_tools import PSDImage
 from safetensors.torch import save_file
 
 from psd_collage.engine import GenerationRequest
-from psd_collage.engine.controlnet import load_controlnet
-from psd_collage.engine.flow import image_ids, pack_latents
+from psd_collage.engine.controlnet import canny_edges, load_controlnet
+from psd_collage.engine.flow import image_ids, pack_latents, unpack_latents
 from psd_collage.engine.flow_controlnet import flow_control_inputs
 from psd_collage.errors import ModelError
 from tests.psd_builders import Pixels, build_psd
 
 MODELS = {"flux": "tiny-flux", "sd3": "tiny-sd3"}
+PIPELINES = {"flux": FluxControlNetPipeline, "sd3": StableDiffusion3ControlNetPipeline}
 H, W = 64, 128  # latents 8 x 16
+#: diffusers keeps latents in the model's dtype between steps, we keep float32 (as in
+#: test_engine_flow.py's img2img equivalence)
+LATENT_ATOL = 1e-3 if DTYPE in (None, "fp32", "float32") else 5e-2
 
 
 def _generate(engine, control: np.ndarray | None) -> np.ndarray:
@@ -61,6 +67,54 @@ def test_canny_one_changes_its_own_region_and_canny_zero_gets_nothing(kind, with
     held, free = change[:, : W // 2].mean(), change[:, W // 2 + 16 :].mean()
     # attention and the VAE carry a little of the left half's change across the picture
     assert held > 0.02 and held > 3 * free, (held, free)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_canny_one_everywhere_at_full_noise_is_diffusers_controlnet_pipeline(kind, monkeypatch):
+    """Same model, ControlNet, edges, steps and seed: our latents are FluxControlNetPipeline's
+    / StableDiffusion3ControlNetPipeline's. Their VAE hands out its posterior mean, as ours
+    does (they would sample it with the seed's generator and so draw other noise)."""
+    engine = tiny_engine(MODELS[kind])
+    parts = engine.components
+    controlnet = load_controlnet("tiny", parts.transformer)
+    engine.use_controlnet(controlnet, "tiny")
+    guidance = 3.5 if kind == "flux" else 5.0
+    image, ones = random_image(H, W), np.ones((H, W), np.float32)
+    request = GenerationRequest(
+        image, ones, "a red car on a street", seeds=[3], steps=4, guidance=guidance, control=ones
+    )
+    try:
+        ours, _ = engine.sample_latents(request)
+    finally:
+        engine.use_controlnet(None)
+    plain, _ = engine.sample_latents(replace(request, control=None))
+    encode = parts.vae.encode
+
+    def encode_to_the_mean(pixels, return_dict=True):
+        output = encode(pixels)
+        output.latent_dist.sample = lambda generator=None: output.latent_dist.mode()
+        return output
+
+    monkeypatch.setattr(parts.vae, "encode", encode_to_the_mean)
+    pipeline = parts.pipeline()
+    pipe = PIPELINES[kind](**pipeline.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    edges = torch.from_numpy(canny_edges(image)).permute(2, 0, 1)[None] * 2.0 - 1.0
+    theirs = pipe(
+        prompt=request.prompt,
+        control_image=edges.to(engine.device),
+        num_inference_steps=4,
+        guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(3),
+        output_type="latent",
+        max_sequence_length=parts.max_sequence_length,
+        height=H,
+        width=W,
+    ).images
+    if kind == "flux":
+        theirs = unpack_latents(theirs, (H // 8, W // 8))
+    assert (ours - plain).abs().mean() > 0.05  # the ControlNet took part
+    assert (ours - theirs.float()).abs().max() < LATENT_ATOL, (ours - theirs.float()).abs().max()
 
 
 def _controlnet_arguments(kind: str, transformer) -> tuple:

@@ -54,7 +54,7 @@ fi
 TESTS=(tests/test_engine_sampling.py tests/test_engine_attention.py tests/test_engine_tokens.py
   tests/test_engine_controlnet.py tests/test_engine_lora.py tests/test_engine_cache.py)
 if [ $FLOW = 1 ]; then
-  TESTS=(tests/test_engine_flow.py)
+  TESTS=(tests/test_engine_flow.py tests/test_engine_flow_controlnet.py)
   if [ $CPU = 1 ]; then
     FX=(--flux --steps 2 --size 64 --threads 2 --device cpu)
     S3=(--sd3 --steps 2 --size 64 --threads 2 --device cpu)

@@ -1,5 +1,6 @@
 """Flux and SD3 (flow-matching transformers): per-pixel start time, joint-attention steering,
-diffusers equivalence, loading, LoRA, refusals, and a render end to end."""
+diffusers equivalence, loading, LoRA, refusals, and a render end to end (ControlNet:
+test_engine_flow_controlnet.py)."""
 
 from __future__ import annotations
 
@@ -193,14 +194,10 @@ def test_lora_loads_changes_the_picture_and_comes_off_exactly(kind, tmp_path):
     np.testing.assert_array_equal(_image(engine), before)
 
 
-def test_controlnet_and_textual_inversion_are_refused_in_one_line():
-    from psd_collage.engine.controlnet import load_controlnet
+def test_textual_inversion_is_refused_in_one_line():
     from psd_collage.engine.textual_inversion import InversionTarget, learn_tokens
 
     engine = tiny_engine("tiny-flux")
-    with pytest.raises(SettingsError, match="not with Flux or SD3") as refused:
-        load_controlnet("tiny", engine.components.unet)
-    assert "\n" not in str(refused.value)
     target = InversionTarget("ball", random_image(64, 64), np.ones((64, 64), np.float32), "ball")
     with pytest.raises(SettingsError, match="'ball' asks for textual inversion, which flux"):
         learn_tokens(engine, [target])
@@ -253,7 +250,7 @@ def test_render_writes_variants_with_locks_exact_and_redo(kind, collage_psd, tmp
     assert not (tmp_path / "ti.out.psd").exists()
 
 
-def test_cli_renders_with_a_flux_model_and_refuses_a_controlnet_in_one_line(collage_psd):
+def test_cli_renders_with_a_flux_model(collage_psd):
     import subprocess
     import sys
 
@@ -265,9 +262,6 @@ def test_cli_renders_with_a_flux_model_and_refuses_a_controlnet_in_one_line(coll
     run = cli(*common, "-o", str(collage_psd.with_name("out.psd")))
     assert run.returncode == 0, run.stderr
     assert PSDImage.open(collage_psd.with_name("out.psd"))[-1].name.startswith("[harmonized]")
-    refused = cli(*common, "--controlnet", "tiny")
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert refused.stderr.strip().splitlines()[-1].startswith("error: --controlnet tiny:")
 
 
 def _joint_module(layout: str) -> torch.nn.Module:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel
+from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
-from ..errors import ModelError, SettingsError
+from ..errors import ModelError
 from .models import PICKLE_SUFFIXES, load_from_hub
 
 #: Thresholds of the canny ControlNets' training data (lllyasviel's annotator, the
@@ -103,20 +105,44 @@ def build_tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlN
 
 def load_controlnet(
     source: str,
-    unet: UNet2DConditionModel,
+    unet: torch.nn.Module,
     *,
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
-) -> ControlNetModel:
+) -> ModelMixin:
     """``tiny``, a diffusers ControlNet folder, a single ``.safetensors`` file or a hub id,
-    checked to fit ``unet`` (SD 1.x ControlNets for SD 1.x models, SDXL ones for SDXL)."""
+    checked to fit ``unet`` (SD 1.x ControlNets for SD 1.x models, SDXL ones for SDXL;
+    Flux and SD3 transformers get theirs from :mod:`.flow_controlnet`)."""
     if not isinstance(unet, UNet2DConditionModel):  # a Flux / SD3 transformer
-        raise SettingsError(
-            f"--controlnet {source}: ControlNets work here with Stable Diffusion 1.x, 2.x and "
-            "SDXL models only, not with Flux or SD3: remove --controlnet and the canny tags"
-        )
+        from .flow_controlnet import load_flow_controlnet
+
+        return load_flow_controlnet(source, unet, dtype=dtype, allow_pickle=allow_pickle)
     if source == TINY_CONTROLNET:
         return build_tiny_controlnet(unet)
+    model = read_controlnet(source, ControlNetModel, dtype=dtype, allow_pickle=allow_pickle)
+    check_fits(model, unet, source)
+    return model.eval().requires_grad_(False)
+
+
+def _controlnet_class(config: dict[str, Any], default: type[ModelMixin]) -> type[ModelMixin]:
+    """The ControlNet class a folder's config names, so that a ControlNet made for another
+    family loads as what it is and the fit check names the mismatch."""
+    import diffusers
+
+    found = getattr(diffusers, str(config.get("_class_name", "")), None)
+    is_controlnet = isinstance(found, type) and "ControlNet" in found.__name__
+    return found if is_controlnet and issubclass(found, ModelMixin) else default
+
+
+def read_controlnet(
+    source: str,
+    default_class: type[ModelMixin],
+    *,
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+) -> ModelMixin:
+    """A ControlNet from a diffusers folder, a single file (read as ``default_class``) or a
+    hub id; the fit to the model is the caller's check. Every failure is one ModelError."""
     path = Path(source).expanduser()
     safetensors_only = None if allow_pickle else True
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
@@ -124,42 +150,48 @@ def load_controlnet(
             f"{path}: {path.suffix} ControlNets are pickles, which can run code when loaded; use a "
             ".safetensors file or pass --allow-pickle if you trust it"
         )
+
+    def from_pretrained(name: str, local: bool) -> ModelMixin:
+        config = default_class.load_config(name, local_files_only=local)
+        return _controlnet_class(config, default_class).from_pretrained(
+            name, torch_dtype=dtype, use_safetensors=safetensors_only, local_files_only=local
+        )
+
     try:
         if path.is_dir():
-            model = ControlNetModel.from_pretrained(
-                str(path),
-                torch_dtype=dtype,
-                use_safetensors=safetensors_only,
-                local_files_only=True,
-            )
-        elif path.is_file():
-            model = ControlNetModel.from_single_file(str(path), torch_dtype=dtype)
-        elif path.suffix or source.startswith((".", "/", "~")):
+            return from_pretrained(str(path), True)
+        if path.is_file():
+            if default_class.__name__ not in SINGLE_FILE_LOADABLE_CLASSES:  # Flux, SD3
+                raise ModelError(
+                    f"{path}: diffusers reads this kind of ControlNet ({default_class.__name__}) "
+                    "only as a folder: point --controlnet at its diffusers folder "
+                    "(config.json and the weights)"
+                )
+            return default_class.from_single_file(str(path), torch_dtype=dtype)
+        if path.suffix or source.startswith((".", "/", "~")):
             raise ModelError(f"ControlNet file or folder {source!r} does not exist")
-        else:
-            model = load_from_hub(
-                source,
-                lambda local: ControlNetModel.from_pretrained(
-                    source,
-                    torch_dtype=dtype,
-                    use_safetensors=safetensors_only,
-                    local_files_only=local,
-                ),
-                advice=(
-                    f"download it once with `huggingface-cli download {source}`, point "
-                    "--controlnet at a diffusers ControlNet folder, or use --controlnet tiny"
-                ),
-                what="ControlNet",
-            )
+        return load_from_hub(
+            source,
+            lambda local: from_pretrained(source, local),
+            advice=(
+                f"download it once with `huggingface-cli download {source}`, point "
+                "--controlnet at a diffusers ControlNet folder, or use --controlnet tiny"
+            ),
+            what="ControlNet",
+        )
     except (OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelError(f"ControlNet {source!r} could not be loaded ({reason})") from None
-    check_fits(model, unet, source)
-    return model.eval().requires_grad_(False)
 
 
 def check_fits(controlnet: ControlNetModel, unet: UNet2DConditionModel, name: str) -> None:
     """A ControlNet made for another model family fails here, not deep inside the UNet."""
+    if not isinstance(controlnet, ControlNetModel):  # a Flux / SD3 ControlNet
+        raise ModelError(
+            f"ControlNet {name!r} was made for another kind of model than --model (it is a "
+            f"{type(controlnet).__name__}, for a diffusion transformer): use a canny ControlNet "
+            "for the same Stable Diffusion version (1.x or SDXL)"
+        )
     mine, theirs = controlnet.config, unet.config
     same = (
         mine.in_channels == theirs.in_channels  # latent channels: 4 for SD, 16 for SD3/Flux

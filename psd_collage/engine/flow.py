@@ -6,7 +6,9 @@ sigma (``x = (1 - sigma) x0 + sigma n``, the schedule's own interpolation) until
 step where img2img with strength ``s`` would start, and runs free from then on, as
 :mod:`.sampler` does for the UNet families. Pixels of strength 0 end as the original
 latents exactly; a uniform strength with steering off is diffusers' own img2img
-(FluxImg2ImgPipeline / StableDiffusion3Img2ImgPipeline) step for step.
+(FluxImg2ImgPipeline / StableDiffusion3Img2ImgPipeline) step for step. A canny
+ControlNet (:mod:`.flow_controlnet`) adds its residuals, times each layer's canny
+strength on the token grid, to the transformer's blocks.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from ..settings import SETTINGS, EngineOptions
 from .api import Engine, GenerationRequest, GenerationResult, validate_request
 from .attention import sigma_weight
 from .captions import PromptReader, caption_starts, locate_captions
+from .flow_controlnet import (
+    FlowControlInputs,
+    attach_flow_controlnet,
+    check_flow_fits,
+    flow_control_inputs,
+)
 from .flow_models import FlowComponents
 from .joint_attention import JointSteeringState, install_joint_processors
 from .models import weights_digest
@@ -122,11 +130,13 @@ def denoise_flow(
     state: JointSteeringState,
     on_step: Callable[[], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    control: FlowControlInputs | None = None,
 ) -> torch.Tensor:
     """Flow-matching Euler with a per-pixel start time; returns float32 latents (n, C, h, w).
 
     ``original`` (1, C, h, w) float32 latents, ``strength`` (1, 1, h, w) in [0, 1]; the
-    scheduler's timesteps are set (:func:`set_flow_timesteps`).
+    scheduler's timesteps are set (:func:`set_flow_timesteps`); ``control``: a ControlNet
+    whose residuals, times its scale map, join the transformer's.
     """
     device, n = original.device, len(seeds)
     size = (original.shape[2], original.shape[3])
@@ -157,24 +167,24 @@ def denoise_flow(
         state.factor = sigma_weight(steering_sigma(float(sigma)))
         model_in = torch.cat([latents, latents]) if guided else latents
         rows = model_in.shape[0]
-        if kind == "flux":
-            prediction = transformer(
-                hidden_states=pack_latents(model_in.to(dtype)),
-                timestep=t.expand(rows).to(dtype) / 1000,
-                pooled_projections=conditioning.pooled,
-                encoder_hidden_states=conditioning.hidden,
-                return_dict=False,
-                **extra,
-            )[0]
-            prediction = unpack_latents(prediction, size).float()
-        else:
-            prediction = transformer(
-                hidden_states=model_in.to(dtype),
-                timestep=t.expand(rows),
-                encoder_hidden_states=conditioning.hidden,
-                pooled_projections=conditioning.pooled,
-                return_dict=False,
-            )[0].float()
+        flux = kind == "flux"
+        tokens = pack_latents(model_in.to(dtype)) if flux else model_in.to(dtype)
+        timestep = t.expand(rows).to(dtype) / 1000 if flux else t.expand(rows)
+        residuals = (
+            control.residuals(tokens, timestep, conditioning.hidden, conditioning.pooled, extra)
+            if control is not None
+            else {}
+        )
+        prediction = transformer(
+            hidden_states=tokens,
+            timestep=timestep,
+            encoder_hidden_states=conditioning.hidden,
+            pooled_projections=conditioning.pooled,
+            return_dict=False,
+            **extra,
+            **residuals,
+        )[0]
+        prediction = (unpack_latents(prediction, size) if flux else prediction).float()
         if guided:
             uncond, cond = prediction.chunk(2)
             prediction = uncond + guidance * (cond - uncond)
@@ -188,8 +198,9 @@ class FlowEngine(Engine):
     """A loaded Flux or SD3 model, kept warm: the :class:`~.api.Engine` interface (the
     render cannot tell), sampled by :func:`denoise_flow` with joint-attention steering.
 
-    Not supported on these families: textual inversion (the learned token would live in
-    T5 and CLIP at once) and ControlNet; both are refused with one clear error.
+    Canny ControlNets for the family (diffusers' FluxControlNetModel / SD3ControlNetModel)
+    work as on the UNet families, per layer. Not supported: textual inversion (the learned
+    token would live in T5 and CLIP at once), refused with one clear error.
     """
 
     supports_textual_inversion = False
@@ -231,10 +242,15 @@ class FlowEngine(Engine):
         self._pipe = components.pipeline()
 
     def use_controlnet(self, controlnet: Any, name: str | None = None) -> None:
+        """Attach (or with None detach) a canny ControlNet that fits this transformer."""
         if controlnet is not None:
-            raise SettingsError(
-                f"--controlnet is not supported for {self.kind} models: remove it and the canny tags"
-            )
+            transformer = self.components.transformer
+            check_flow_fits(controlnet, transformer, name or "ControlNet")
+            attach_flow_controlnet(controlnet, transformer)
+            if controlnet.dtype != self.dtype:
+                controlnet.to(dtype=self.dtype)
+            controlnet.to(torch.device("cpu") if self.cpu_offload else self.device)
+        self.controlnet, self.controlnet_name = controlnet, name if controlnet is not None else None
 
     def prompt_reader(self) -> PromptReader:
         """Captions are found where this family steers them (Flux: T5; SD3: CLIP and T5);
@@ -288,6 +304,7 @@ class FlowEngine(Engine):
             image = np.clip(request.image.astype(np.float32), 0.0, 1.0)
             result = GenerationResult([image.copy() for _ in seeds], prompt, warnings, timings)
             return result, original.expand(len(seeds), -1, -1, -1).clone(), original
+        control = self._control_inputs(request)
         self._set_joint_steering(request, positions, latent_size, cond.hidden.shape[1])
         chunks = [seeds[i : i + self.max_batch] for i in range(0, len(seeds), self.max_batch)]
         total = (request.steps - first_step(request.steps, max_strength)) * len(chunks)
@@ -306,7 +323,8 @@ class FlowEngine(Engine):
                 scheduler = type(components.scheduler).from_config(components.scheduler.config)
                 set_flow_timesteps(scheduler, self.kind, request.steps, latent_size, self.device)
                 started = time.perf_counter()
-                with self.on_device(components.transformer):
+                controlnets = [control.model] if control is not None else []
+                with self.on_device(components.transformer, *controlnets):
                     latents = denoise_flow(
                         components.transformer,
                         scheduler,
@@ -320,6 +338,7 @@ class FlowEngine(Engine):
                         state=self.steering,
                         on_step=on_step,
                         cancel=cancel,
+                        control=control,
                     )
                 timings["sample"] += time.perf_counter() - started
                 if not decode:
@@ -333,6 +352,23 @@ class FlowEngine(Engine):
             self.steering.clear()
         stacked = torch.cat(all_latents) if all_latents else original[:0]
         return GenerationResult(images, prompt, warnings, timings), stacked, original
+
+    def _control_inputs(self, request: GenerationRequest) -> FlowControlInputs | None:
+        """The ControlNet's encoded edges and scale map, or None when no pixel asks for it."""
+        if request.control is None or float(np.max(request.control, initial=0.0)) <= 0.0:
+            return None
+        if self.controlnet is None:
+            raise SettingsError("canny needs a ControlNet: pass --controlnet (a canny ControlNet)")
+        components = self.components
+        with self.on_device(components.vae):
+            return flow_control_inputs(
+                self.controlnet,
+                components.transformer,
+                components.vae,
+                request.image,
+                request.control,
+                self.device,
+            )
 
     def _encode(self, prompt: str, request: GenerationRequest) -> FlowConditioning:
         """The family's text inputs, encoded by its diffusers pipeline's own encode_prompt."""

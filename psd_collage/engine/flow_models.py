@@ -84,8 +84,8 @@ class FlowComponents:
 
     @property
     def unet(self) -> torch.nn.Module:
-        """The denoiser, under the name code shared with the UNet families looks for (the
-        ControlNet check refuses it by its type)."""
+        """The denoiser, under the name code shared with the UNet families looks for
+        (``load_controlnet`` sends it to the Flux/SD3 ControlNets by its type)."""
         return self.transformer
 
     @property

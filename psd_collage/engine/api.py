@@ -279,21 +279,58 @@ class Engine:
         strength = strength_to_latents(request.strength, latent_size, self.device)
         timings["encode"] = time.perf_counter() - started
 
-        seeds = list(request.seeds)
         max_strength = float(strength.max())
         probe = make_scheduler(self.scheduler_name, components.scheduler.config)
         steps_run = steps_to_run(probe, request.steps, max_strength)
         if steps_run <= 0:  # nothing may change: hand back the input itself
-            if max_strength > 0:
-                warnings.append(too_few_steps(request.steps, max_strength))
-            image = np.clip(request.image.astype(np.float32), 0.0, 1.0)
-            result = GenerationResult([image.copy() for _ in seeds], prompt, warnings, timings)
-            return result, original.expand(len(seeds), -1, -1, -1).clone(), original
+            return unchanged(request, max_strength, original, prompt, warnings, timings)
 
         control = self._control_inputs(request, latent_size)
         self._set_steering(request, spans, latent_size)
-        chunks = [seeds[i : i + self.max_batch] for i in range(0, len(seeds), self.max_batch)]
-        total = steps_run * len(chunks)
+
+        def sample(chunk: list[int], on_step: Callable[[], None]) -> torch.Tensor:
+            conditioning = self._conditioning(cond, uncond, len(chunk), (height, width))
+            with self.on_device(components.unet, *([control.model] if control else [])):
+                return denoise(
+                    components.unet,
+                    make_scheduler(self.scheduler_name, components.scheduler.config),
+                    original=original,
+                    strength=strength,
+                    conditioning=conditioning,
+                    seeds=chunk,
+                    steps=request.steps,
+                    guidance=request.guidance,
+                    state=self.steering,
+                    on_step=on_step,
+                    cancel=cancel,
+                    control=control,
+                    steering_schedule=request.steering_schedule,
+                    pin_dilation=request.pin_dilation,
+                )
+
+        images, latents = self.sample_in_batches(
+            request.seeds, steps_run, sample, progress, timings, decode=decode
+        )
+        stacked = torch.cat(latents) if latents else original[:0]
+        return GenerationResult(images, prompt, warnings, timings), stacked, original
+
+    def sample_in_batches(
+        self,
+        seeds: Sequence[int],
+        steps_per_batch: int,
+        sample: Callable[[list[int], Callable[[], None]], torch.Tensor],
+        progress: Callable[[int, int], None] | None,
+        timings: dict[str, float],
+        *,
+        decode: bool,
+    ) -> tuple[list[np.ndarray], list[torch.Tensor]]:
+        """Run ``sample(seeds, on_step)`` on batches of at most ``max_batch`` seeds (every
+        family's loop), counting steps for ``progress`` and decoding each batch unless
+        ``decode`` is False: (images, or each batch's latents when not decoding). Steering
+        is cleared afterwards, whatever happens."""
+        seeds = list(seeds)
+        batches = [seeds[i : i + self.max_batch] for i in range(0, len(seeds), self.max_batch)]
+        total = steps_per_batch * len(batches)
         done = 0
 
         def on_step() -> None:
@@ -304,39 +341,22 @@ class Engine:
 
         images: list[np.ndarray] = []
         all_latents: list[torch.Tensor] = []
+        vae = self.components.vae
         try:
-            for chunk in chunks:
-                conditioning = self._conditioning(cond, uncond, len(chunk), (height, width))
+            for batch in batches:
                 started = time.perf_counter()
-                with self.on_device(components.unet, *([control.model] if control else [])):
-                    latents = denoise(
-                        components.unet,
-                        make_scheduler(self.scheduler_name, components.scheduler.config),
-                        original=original,
-                        strength=strength,
-                        conditioning=conditioning,
-                        seeds=chunk,
-                        steps=request.steps,
-                        guidance=request.guidance,
-                        state=self.steering,
-                        on_step=on_step,
-                        cancel=cancel,
-                        control=control,
-                        steering_schedule=request.steering_schedule,
-                        pin_dilation=request.pin_dilation,
-                    )
+                latents = sample(batch, on_step)
                 timings["sample"] += time.perf_counter() - started
                 if not decode:
                     all_latents.append(latents)
                     continue
                 started = time.perf_counter()
-                with self.on_device(components.vae):
-                    images.extend(decode_latents(components.vae, latents))
+                with self.on_device(vae):
+                    images.extend(decode_latents(vae, latents))
                 timings["decode"] += time.perf_counter() - started
         finally:
             self.steering.clear()
-        stacked = torch.cat(all_latents) if all_latents else original[:0]
-        return GenerationResult(images, prompt, warnings, timings), stacked, original
+        return images, all_latents
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -423,6 +443,24 @@ class Engine:
 def validate_request(request: GenerationRequest) -> None:
     """Check a request's shapes (every engine family does, before any work)."""
     _validate(request)
+
+
+def unchanged(
+    request: GenerationRequest,
+    max_strength: float,
+    original: torch.Tensor,
+    prompt: str,
+    warnings: list[str],
+    timings: dict[str, float],
+) -> tuple[GenerationResult, torch.Tensor, torch.Tensor]:
+    """When no step would run (noise 0 everywhere, or too low for the step count), every
+    family hands back the input itself, and says why when some noise was asked for."""
+    if max_strength > 0:
+        warnings.append(too_few_steps(request.steps, max_strength))
+    image = np.clip(request.image.astype(np.float32), 0.0, 1.0)
+    seeds = len(request.seeds)
+    result = GenerationResult([image.copy() for _ in range(seeds)], prompt, warnings, timings)
+    return result, original.expand(seeds, -1, -1, -1).clone(), original
 
 
 def _validate(request: GenerationRequest) -> None:

@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import Cancelled, SettingsError
 from ..settings import SETTINGS, EngineOptions
-from .api import Engine, GenerationRequest, GenerationResult, validate_request
+from .api import Engine, GenerationRequest, GenerationResult, unchanged, validate_request
 from .attention import sigma_weight
 from .captions import PromptReader, caption_starts, locate_captions
 from .flow_controlnet import (
@@ -39,11 +39,9 @@ from .flow_models import FlowComponents
 from .joint_attention import JointSteeringState, install_joint_processors
 from .models import weights_digest
 from .sampler import (
-    decode_latents,
     encode_image,
     first_step,
     strength_to_latents,
-    too_few_steps,
 )
 
 #: The highest VE-equivalent sigma steering is evaluated at (Stable Diffusion's sigma_max):
@@ -296,61 +294,38 @@ class FlowEngine(Engine):
         latent_size = (original.shape[2], original.shape[3])
         strength = strength_to_latents(request.strength, latent_size, self.device)
         timings["encode"] = time.perf_counter() - started
-        seeds = list(request.seeds)
         max_strength = float(strength.max())
         if first_step(request.steps, max_strength) >= request.steps:
-            if max_strength > 0:
-                warnings.append(too_few_steps(request.steps, max_strength))
-            image = np.clip(request.image.astype(np.float32), 0.0, 1.0)
-            result = GenerationResult([image.copy() for _ in seeds], prompt, warnings, timings)
-            return result, original.expand(len(seeds), -1, -1, -1).clone(), original
+            return unchanged(request, max_strength, original, prompt, warnings, timings)
         control = self._control_inputs(request)
         self._set_joint_steering(request, positions, latent_size, cond.hidden.shape[1])
-        chunks = [seeds[i : i + self.max_batch] for i in range(0, len(seeds), self.max_batch)]
-        total = (request.steps - first_step(request.steps, max_strength)) * len(chunks)
-        done = 0
 
-        def on_step() -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(min(done, total), total)
+        def sample(chunk: list[int], on_step: Callable[[], None]) -> torch.Tensor:
+            scheduler = type(components.scheduler).from_config(components.scheduler.config)
+            set_flow_timesteps(scheduler, self.kind, request.steps, latent_size, self.device)
+            controlnets = [control.model] if control is not None else []
+            with self.on_device(components.transformer, *controlnets):
+                return denoise_flow(
+                    components.transformer,
+                    scheduler,
+                    kind=self.kind,
+                    original=original,
+                    strength=strength,
+                    conditioning=_repeat(cond, len(chunk)),
+                    seeds=chunk,
+                    steps=request.steps,
+                    guidance=request.guidance,
+                    state=self.steering,
+                    on_step=on_step,
+                    cancel=cancel,
+                    control=control,
+                )
 
-        images: list[np.ndarray] = []
-        all_latents: list[torch.Tensor] = []
-        try:
-            for chunk in chunks:
-                scheduler = type(components.scheduler).from_config(components.scheduler.config)
-                set_flow_timesteps(scheduler, self.kind, request.steps, latent_size, self.device)
-                started = time.perf_counter()
-                controlnets = [control.model] if control is not None else []
-                with self.on_device(components.transformer, *controlnets):
-                    latents = denoise_flow(
-                        components.transformer,
-                        scheduler,
-                        kind=self.kind,
-                        original=original,
-                        strength=strength,
-                        conditioning=_repeat(cond, len(chunk)),
-                        seeds=chunk,
-                        steps=request.steps,
-                        guidance=request.guidance,
-                        state=self.steering,
-                        on_step=on_step,
-                        cancel=cancel,
-                        control=control,
-                    )
-                timings["sample"] += time.perf_counter() - started
-                if not decode:
-                    all_latents.append(latents)
-                    continue
-                started = time.perf_counter()
-                with self.on_device(components.vae):
-                    images.extend(decode_latents(components.vae, latents))
-                timings["decode"] += time.perf_counter() - started
-        finally:
-            self.steering.clear()
-        stacked = torch.cat(all_latents) if all_latents else original[:0]
+        steps_run = request.steps - first_step(request.steps, max_strength)
+        images, latents = self.sample_in_batches(
+            request.seeds, steps_run, sample, progress, timings, decode=decode
+        )
+        stacked = torch.cat(latents) if latents else original[:0]
         return GenerationResult(images, prompt, warnings, timings), stacked, original
 
     def _control_inputs(self, request: GenerationRequest) -> FlowControlInputs | None:

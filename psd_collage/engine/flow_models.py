@@ -10,7 +10,6 @@ diffusers' checkpoint detection), never from a flag.
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,8 @@ from .models import (
     hub_offline,
     hub_reachable,
     load_from_hub,
+    load_states,
+    tokenizer_from_files,
 )
 from .tiny_vocab import WORDS, build_tiny_tokenizer
 
@@ -449,21 +450,13 @@ def _load_own_single_file(path: Path, metadata: Mapping[str, str]) -> FlowCompon
             modules[name] = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config))
         else:
             modules[name] = CLIPTextModel(CLIPTextConfig.from_dict(config))
-    for name, module in modules.items():
-        try:
-            module.load_state_dict(state.get(name, {}), strict=True)
-        except RuntimeError as error:
-            first = str(error).splitlines()[0]
-            raise ModelError(
-                f"{path}: component {name} does not match its config ({first})"
-            ) from None
+    load_states(path, modules, state)
+    for module in modules.values():
         module.eval().requires_grad_(False)
-    tokenizers = []
-    for files, cls in zip(configs["tokenizers"], _tokenizer_classes(kind), strict=True):
-        with tempfile.TemporaryDirectory() as tmp:
-            for file_name, text in files.items():
-                (Path(tmp) / Path(file_name).name).write_text(text, encoding="utf-8")
-            tokenizers.append(cls.from_pretrained(tmp))
+    tokenizers = [
+        tokenizer_from_files(files, cls)
+        for files, cls in zip(configs["tokenizers"], _tokenizer_classes(kind), strict=True)
+    ]
     return FlowComponents(
         kind=kind,
         transformer=modules.pop("transformer"),

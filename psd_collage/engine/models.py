@@ -454,6 +454,29 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def load_states(
+    path: Path, modules: Mapping[str, torch.nn.Module], state: Mapping[str, Any]
+) -> None:
+    """Our single file's weights into modules built from its configs (every family's file):
+    a component that does not match its config is one error naming it."""
+    for name, module in modules.items():
+        try:
+            module.load_state_dict(state.get(name, {}), strict=True)
+        except RuntimeError as error:
+            first = str(error).splitlines()[0]
+            raise ModelError(
+                f"{path}: component {name} does not match its config ({first})"
+            ) from None
+
+
+def tokenizer_from_files(files: Mapping[str, str], cls: Any) -> Any:
+    """A tokenizer of class ``cls`` from the files our single file stores as text."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for file_name, text in files.items():
+            (Path(tmp) / Path(file_name).name).write_text(text, encoding="utf-8")
+        return cls.from_pretrained(tmp)
+
+
 def _load_own_single_file(
     path: Path, metadata: Mapping[str, str], dtype: torch.dtype
 ) -> ModelComponents:
@@ -481,20 +504,8 @@ def _load_own_single_file(
     modules.update(
         {("text_encoder" if i == 0 else f"text_encoder_{i + 1}"): m for i, m in enumerate(encoders)}
     )
-    for name, module in modules.items():
-        try:
-            module.load_state_dict(state.get(name, {}), strict=True)
-        except RuntimeError as error:
-            first = str(error).splitlines()[0]
-            raise ModelError(
-                f"{path}: component {name} does not match its config ({first})"
-            ) from None
-    tokenizers = []
-    for files in configs["tokenizers"]:
-        with tempfile.TemporaryDirectory() as tmp:
-            for file_name, text in files.items():
-                (Path(tmp) / Path(file_name).name).write_text(text, encoding="utf-8")
-            tokenizers.append(CLIPTokenizer.from_pretrained(tmp))
+    load_states(path, modules, state)
+    tokenizers = [tokenizer_from_files(files, CLIPTokenizer) for files in configs["tokenizers"]]
     scheduler_info = configs["scheduler"]
     scheduler_cls = getattr(diffusers, scheduler_info["class"], EulerDiscreteScheduler)
     scheduler = scheduler_cls.from_config(scheduler_info["config"])

@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from typing import Any
 
 import numpy as np
@@ -35,6 +34,7 @@ from diffusers import (
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
+from timing import interleaved  # beside this script
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from psd_collage.engine import Engine, GenerationRequest, SteeredPhrase
@@ -305,23 +305,7 @@ def main() -> None:
 
     cuda = device.type == "cuda"
 
-    def timed(fn) -> tuple[float, float, int]:  # noqa: ANN001
-        """(wall s, process CPU s, peak GPU bytes): on a shared CPU box CPU time is steadier."""
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start, cpu = time.perf_counter(), time.process_time()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() if cuda else 0
-        return time.perf_counter() - start, time.process_time() - cpu, peak
-
-    first = {"img2img": timed(run_img2img)[0], "collage": timed(run_collage)[0]}  # warm-up
-    img2img, collage = [], []
-    for _ in range(max(3, args.repeats)):
-        img2img.append(timed(run_img2img))
-        collage.append(timed(run_collage))
+    first, img2img, collage = interleaved(run_img2img, run_collage, args.repeats, cuda)
     report(args, config, device, dtype, strength, request, first, img2img, collage)
 
 

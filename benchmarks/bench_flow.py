@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-import time
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from diffusers import (
     StableDiffusion3Img2ImgPipeline,
 )
 from PIL import Image
+from timing import interleaved  # beside this script
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -220,22 +220,7 @@ def run(args: Any, collage_request: Any) -> None:
 
     cuda = device.type == "cuda"
 
-    def timed(fn: Any) -> tuple[float, float, int]:
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start, cpu = time.perf_counter(), time.process_time()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() if cuda else 0
-        return time.perf_counter() - start, time.process_time() - cpu, peak
-
-    first = {"img2img": timed(run_img2img)[0], "collage": timed(run_collage)[0]}  # warm-up
-    img2img, collage = [], []
-    for _ in range(max(3, args.repeats)):
-        img2img.append(timed(run_img2img))
-        collage.append(timed(run_collage))
+    first, img2img, collage = interleaved(run_img2img, run_collage, args.repeats, cuda)
     a, b = (statistics.median(t[0] for t in xs) for xs in (img2img, collage))
     a_cpu, b_cpu = (statistics.median(t[1] for t in xs) for xs in (img2img, collage))
     result = {

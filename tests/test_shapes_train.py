@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from psd_collage.engine import GenerationRequest, load_engine
 from psd_collage.shapes import model, train
@@ -72,3 +73,23 @@ def test_the_strong_configuration_trains_exports_and_renders(tmp_path):
     # Resuming with other sizes is refused instead of loading mismatched weights.
     with pytest.raises(SystemExit, match="other model sizes"):
         train.main([*flags[2:], *sizes, "--batch", "4", "--threads", "1"])
+
+
+def test_a_noise_shift_divides_the_signal_to_noise_ratio_and_ships_with_the_weights(tmp_path):
+    """``--noise-shift 2``: every step's SNR is a quarter of Stable Diffusion's, and the
+    exported folder samples on that schedule (its scheduler config carries the betas)."""
+    plain = model.build_scheduler().alphas_cumprod.double()
+    shifted = model.build_scheduler(2.0).alphas_cumprod.double()
+    ratio = (shifted / (1 - shifted)) / (plain / (1 - plain))
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.25), rtol=1e-4)
+    out, work = tmp_path / "weights", tmp_path / "work"
+    sizes = ["--vae-steps", "2", "--vae-batch", "2", "--scenes", "8", "--unet-steps", "2"]
+    common = [*sizes, "--batch", "4", "--threads", "1", "--work", str(work)]
+    train.main([*common, "--out", str(out), "--noise-shift", "2"])
+    assert json.loads((out / "training.json").read_text())["noise_shift"] == 2.0
+    engine = load_engine(str(out), device="cpu", dtype="fp32")
+    loaded = engine.components.scheduler.alphas_cumprod.double()
+    assert torch.allclose(loaded, shifted, rtol=1e-5)
+    # The UNet checkpoint of one shift is not resumed under another.
+    with pytest.raises(SystemExit, match="noise-shift"):
+        train.main([*common, "--out", str(out), "--unet-steps", "3"])

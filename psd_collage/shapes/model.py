@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -124,6 +125,20 @@ def build_unet(arch: Architecture = SHIPPED) -> UNet2DConditionModel:
     )
 
 
-def build_scheduler() -> EulerAncestralDiscreteScheduler:
-    """Stable Diffusion's training noise schedule, sampled with Euler ancestral."""
-    return EulerAncestralDiscreteScheduler.from_config(SD_SCHEDULER_CONFIG)
+def build_scheduler(noise_shift: float = 1.0) -> EulerAncestralDiscreteScheduler:
+    """Stable Diffusion's training noise schedule, sampled with Euler ancestral.
+
+    ``noise_shift`` > 1 divides every step's signal-to-noise ratio by its square, as SD3
+    shifts its schedule toward noise: a latent with more channels stays readable under
+    more noise. The betas then go into the config, so the exported folder samples (with
+    any scheduler built from it) on the schedule it was trained on.
+    """
+    scheduler = EulerAncestralDiscreteScheduler.from_config(SD_SCHEDULER_CONFIG)
+    if noise_shift == 1.0:
+        return scheduler
+    alphas = scheduler.alphas_cumprod.double()
+    snr = alphas / (1 - alphas) / noise_shift**2
+    shifted = snr / (1 + snr)
+    betas = 1 - shifted / torch.cat([shifted.new_ones(1), shifted[:-1]])
+    config = {**SD_SCHEDULER_CONFIG, "trained_betas": betas.tolist()}
+    return EulerAncestralDiscreteScheduler.from_config(config)

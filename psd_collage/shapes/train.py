@@ -143,13 +143,16 @@ def _widths(text: str) -> tuple[int, ...]:
 
 
 def _resume(ckpt: Path, args: argparse.Namespace) -> dict[str, Any] | None:
-    """The checkpoint's state, or None; one made for another --arch is refused."""
+    """The checkpoint's state, or None; one made for another --arch (or, for the UNet,
+    another --noise-shift) is refused."""
     if not ckpt.exists():
         return None
     state = torch.load(ckpt, weights_only=False)
     made_for = state.get("arch", SHIPPED.as_dict())
     if made_for != _arch(args).as_dict():
         raise SystemExit(f"{ckpt}: made for other model sizes than these; use another --work")
+    if "unet" in state and state.get("noise_shift", 1.0) != args.noise_shift:
+        raise SystemExit(f"{ckpt}: trained with another --noise-shift; use another --work")
     return state
 
 
@@ -268,8 +271,7 @@ def train_unet(args: argparse.Namespace, work: Path, cache: dict[str, Any]) -> t
             module.load_state_dict(state[key])
         opt.load_state_dict(state["opt"])
         start, elapsed = state["step"], state["elapsed"]
-    scheduler = build_scheduler()
-    alphas = scheduler.alphas_cumprod.float()
+    alphas = build_scheduler(args.noise_shift).alphas_cumprod.float()
     latents = cache["latents"].float() * cache["scaling_factor"]
     ids, empty = cache["ids"], cache["empty"]
     unet.train()
@@ -307,6 +309,7 @@ def train_unet(args: argparse.Namespace, work: Path, cache: dict[str, Any]) -> t
                     "ema_unet": ema_unet.state_dict(),
                     "ema_text": ema_text.state_dict(),
                     "arch": _arch(args).as_dict(),
+                    "noise_shift": args.noise_shift,
                     "opt": opt.state_dict(),
                     "step": step + 1,
                     "elapsed": time.perf_counter() - t0,
@@ -328,7 +331,7 @@ def export(
         text_encoder=text,
         tokenizer=build_tokenizer(),
         unet=unet,
-        scheduler=build_scheduler(),
+        scheduler=build_scheduler(args.noise_shift),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -358,6 +361,7 @@ def export(
         "vae_batch": args.vae_batch,
         "unet_steps": unet_done,
         "batch": args.batch,
+        "noise_shift": args.noise_shift,
         "scenes": args.scenes,
         "final_loss": final,
         "seconds": {**seconds, "cache": cache["seconds"]},
@@ -405,7 +409,7 @@ class _Rig:
         self.ema = copy.deepcopy(self.unet), copy.deepcopy(self.text)
         self.params = list(self.unet.parameters()) + list(self.text.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=args.unet_lr, weight_decay=1e-2)
-        self.alphas = build_scheduler().alphas_cumprod.float()
+        self.alphas = build_scheduler(args.noise_shift).alphas_cumprod.float()
         prompts = [scene.prompt for scene in random_scenes(args.batch, seed=args.seed)]
         self.ids = tokenizer(
             prompts,
@@ -511,6 +515,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--unet-layers", type=int, help="layers per UNet block")
     parser.add_argument("--text-width", type=int, help="text encoder (cross-attention) width")
     parser.add_argument("--kl-weight", type=float, default=KL_WEIGHT)
+    parser.add_argument(
+        "--noise-shift",
+        type=float,
+        default=1.0,
+        help="divide the noise schedule's signal-to-noise ratio by its square (SD3's shift)",
+    )
     parser.add_argument(
         "--edge-weight", type=float, default=0.0, help="L1 on neighbour differences (edges)"
     )

@@ -93,3 +93,7 @@ def test_a_noise_shift_divides_the_signal_to_noise_ratio_and_ships_with_the_weig
     # The UNet checkpoint of one shift is not resumed under another.
     with pytest.raises(SystemExit, match="noise-shift"):
         train.main([*common, "--out", str(out), "--unet-steps", "3"])
+    # A shift that is no shift at all is refused before any training.
+    with pytest.raises(SystemExit) as refused:
+        train.main([*common, "--out", str(out), "--noise-shift", "0"])
+    assert refused.value.code == 2

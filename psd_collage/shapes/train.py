@@ -142,6 +142,13 @@ def _widths(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(","))
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def _resume(ckpt: Path, args: argparse.Namespace) -> dict[str, Any] | None:
     """The checkpoint's state, or None; one made for another --arch (or, for the UNet,
     another --noise-shift) is refused."""
@@ -517,7 +524,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--kl-weight", type=float, default=KL_WEIGHT)
     parser.add_argument(
         "--noise-shift",
-        type=float,
+        type=_positive,
         default=1.0,
         help="divide the noise schedule's signal-to-noise ratio by its square (SD3's shift)",
     )

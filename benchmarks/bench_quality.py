@@ -19,6 +19,7 @@ to end through a PSD comes back identical. Drawing: does text to image alone sho
 each caption's colour?
 
     python benchmarks/bench_quality.py [--collages 100] [--steps 20] [--figure F.png]
+    python benchmarks/bench_quality.py --model FOLDER --scheduler euler   # another sampler
     python benchmarks/bench_quality.py --calibrate   # the engine's calibration questions
 """
 
@@ -42,7 +43,7 @@ from psd_collage.engine import GenerationRequest, load_engine
 from psd_collage.engine.sampler import decode_latents, encode_image
 from psd_collage.psd.reader import read_collage
 from psd_collage.render import Renderer, plan_render
-from psd_collage.settings import Settings
+from psd_collage.settings import SETTINGS, Settings
 from psd_collage.shapes import metrics
 from psd_collage.shapes.psd import read_variants, write_scene_psd
 from psd_collage.shapes.world import (
@@ -132,10 +133,11 @@ def score_case(case: Case, output: np.ndarray, pasted: np.ndarray, scores: Score
 class Runner:
     """The engine, loaded once, and the ways of running a collage through it."""
 
-    def __init__(self, model: str, steps: int, seed: int) -> None:
-        self.engine = load_engine(model, device="cpu")
+    def __init__(self, model: str, steps: int, seed: int, scheduler: str) -> None:
+        self.engine = load_engine(model, device="cpu", scheduler=scheduler)
         self.steps, self.seed = steps, seed
-        self.settings = Settings().updated({"model": model, "steps": steps, "seed": seed})
+        self.overrides = {"model": model, "steps": steps, "seed": seed, "scheduler": scheduler}
+        self.settings = Settings().updated(self.overrides)
 
     def plan(self, path: Path, **plan_options: Any):
         collage = read_collage(path, self.settings)
@@ -236,9 +238,9 @@ def steering_rate(
 # ---------------------------------------------------------------------------
 
 
-def lock_rate(model: str, cases: list[Case], steps: int, seed: int, folder: Path) -> float:
+def lock_rate(runner: Runner, cases: list[Case], folder: Path) -> float:
     """Share of collages whose locked backdrop pixels come back identical (pin weight 1)."""
-    renderer = Renderer(overrides={"model": model, "steps": steps, "seed": seed})
+    renderer = Renderer(overrides=runner.overrides)
     identical = []
     for case in cases:
         path = write_case(case, 0.6, backdrop="[lock]")
@@ -325,9 +327,7 @@ def quality(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[str,
             f"{steer['unsteered']:.3f} with inside=0, outside=0 ({2 * len(blobs)} regions)"
         )
     if _wanted(args, "lock"):
-        lock = out["lock"] = lock_rate(
-            args.model, cases[: args.lock], args.steps, args.seed, folder
-        )
+        lock = out["lock"] = lock_rate(runner, cases[: args.lock], folder)
         print(f"lock: {lock:.3f} of {args.lock} collages with an identical locked backdrop")
     if _wanted(args, "drawing"):
         drawn = out["drawing"] = drawing_rate(runner)
@@ -447,6 +447,8 @@ def main() -> None:
     parser.add_argument("--lock", type=int, default=10, help="collages rendered end to end")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
+    sampler = SETTINGS["scheduler"]
+    parser.add_argument("--scheduler", default=sampler.default, choices=sampler.spec.choices)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--figure", type=Path, default=None, help="write the trade-off PNG")
     parser.add_argument("--json", type=Path, default=None, help="write the numbers as JSON")
@@ -461,7 +463,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    runner = Runner(args.model, args.steps, args.seed)
+    runner = Runner(args.model, args.steps, args.seed, args.scheduler)
     with tempfile.TemporaryDirectory() as tmp:
         if args.calibrate:
             from calibrate import calibrate  # benchmarks/calibrate.py
@@ -472,6 +474,7 @@ def main() -> None:
             if args.figure and "rows" in results:
                 figure(results, args.figure)
     if args.json:
+        results["sampler"] = args.scheduler
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 

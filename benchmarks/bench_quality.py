@@ -4,7 +4,8 @@ Held-out collages: objects drawn under one light pasted onto a scene under anoth
 daylight red circle on grass at night). Per object: does its region keep its caption's
 colour (hue agreement), does the colour's shape match the layer (IoU), and did its
 colour move toward what the scene's light gives it (harmonization: 1 = the true lit
-colour, 0 = unchanged)? Methods on the same collages and seeds:
+colour, 0 = unchanged)? And how many objects are gone (their region shows backdrop)?
+Methods on the same collages and seeds:
 
 - ``collage n=X``: our collage diffusion, objects at noise X, backdrop at 0.3, steering;
 - ``img2img s=X``: one global strength X, no steering;
@@ -77,6 +78,7 @@ class Scores:
     hue: list[float] = field(default_factory=list)
     iou: list[float] = field(default_factory=list)
     harmony: list[float] = field(default_factory=list)
+    gone: list[float] = field(default_factory=list)  # the region shows backdrop
     seconds: list[float] = field(default_factory=list)
 
     def row(self) -> dict[str, float]:
@@ -84,6 +86,7 @@ class Scores:
             "hue": float(np.mean(self.hue)),
             "iou": float(np.mean(self.iou)),
             "harmonization": float(np.mean(self.harmony)),
+            "gone": float(np.mean(self.gone)),
             "seconds": statistics.median(self.seconds) if self.seconds else 0.0,
         }
 
@@ -123,7 +126,9 @@ def score_case(case: Case, output: np.ndarray, pasted: np.ndarray, scores: Score
         for other in range(len(case.scene.objects)):
             if other != slot:
                 others |= visible[other] > 0.5
-        scores.hue.append(float(metrics.region_colour(output, region) == shape.colour))
+        shown = metrics.region_colour(output, region)
+        scores.hue.append(float(shown == shape.colour))
+        scores.gone.append(float(shown == metrics.BACKDROP))
         scores.iou.append(metrics.colour_iou(output, shape.colour, visible[slot], others))
         scores.harmony.append(
             metrics.harmonization(output[region], pasted[region], truth.images[0][region])
@@ -393,7 +398,8 @@ def _wanted(args: argparse.Namespace, part: str) -> bool:
 def _print_row(name: str, row: dict[str, float]) -> None:
     print(
         f"{name:<16} hue {row['hue']:.3f}  iou {row['iou']:.3f}  "
-        f"harmonization {row['harmonization']:+.3f}  ({row['seconds']:.2f} s/collage)",
+        f"harmonization {row['harmonization']:+.3f}  gone {row['gone']:.3f}  "
+        f"({row['seconds']:.2f} s/collage)",
         flush=True,
     )
 

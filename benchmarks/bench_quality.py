@@ -454,7 +454,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
     sampler = SETTINGS["scheduler"]
-    parser.add_argument("--scheduler", default=sampler.default, choices=sampler.spec.choices)
+    parser.add_argument(
+        "--scheduler", default=sampler.default, choices=sampler.spec.choices, help=sampler.spec.help
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--figure", type=Path, default=None, help="write the trade-off PNG")
     parser.add_argument("--json", type=Path, default=None, help="write the numbers as JSON")
@@ -480,7 +482,7 @@ def main() -> None:
             if args.figure and "rows" in results:
                 figure(results, args.figure)
     if args.json:
-        results["sampler"] = args.scheduler
+        results["scheduler"] = args.scheduler
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 

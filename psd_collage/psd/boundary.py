@@ -1,9 +1,13 @@
-"""The psd-tools boundary: its exceptions and its log output, turned into ours.
+"""The psd-tools boundary: its exceptions, its log output, and its private names.
 
 psd-tools has no exception hierarchy of its own and logs freely; everything that reads
 psd-tools objects does so inside :func:`psd_tools_errors` (one readable
 :class:`CollageError` naming the file) and :func:`quiet_psd_tools` (its messages become
 the collage's warnings instead of reaching the terminal).
+
+psd-tools 1.x keeps a few things we need behind underscored names (a layer's channel
+records, the document's parsed structure); the accessors at the end of this module are
+the only code that touches them, so a psd-tools upgrade that renames one breaks here.
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from psd_tools import PSDImage
+from psd_tools.api.layers import Layer
 from psd_tools.compression import PSDDecompressionWarning
+from psd_tools.psd import PSD
+from psd_tools.psd.layer_and_mask import ChannelData, ChannelInfo, LayerInfo
 
 from ..errors import CollageError
 
@@ -123,3 +131,33 @@ def diagnostics_as_warnings(diagnostics: Diagnostics) -> list[str]:
         more = len(diagnostics.messages) - len(shown)
         out.append(f"psd-tools: and {more} more messages like these")
     return out
+
+
+def layer_channels(layer: Layer) -> list[tuple[ChannelInfo, ChannelData]]:
+    """A layer's channel records with their stored (still compressed) data, in file order.
+
+    ``layer.numpy()`` decodes and converts; reading the stored samples band by band
+    needs the records, which psd-tools 1.x keeps as ``_record`` / ``_channels``.
+    """
+    return list(zip(layer._record.channel_info, layer._channels, strict=False))
+
+
+def document_structure(psd: PSDImage) -> PSD:
+    """The parsed file under a :class:`PSDImage` (header, resources, merged image data).
+
+    psd-tools 1.x exposes it only as ``_record``.
+    """
+    return psd._record
+
+
+def layer_records(document: PSD) -> LayerInfo | None:
+    """The layer list the readers consult: Photoshop keeps 16/32-bit layers in an
+    Lr16/Lr32 block and leaves the plain section empty; psd-tools' private
+    ``_get_layer_info`` picks whichever is used (None when the document has none)."""
+    return document._get_layer_info()
+
+
+def channel_block_length(data: ChannelData) -> int:
+    """The length a :class:`ChannelInfo` records for ``data`` (the 2-byte compression
+    field included), as psd-tools' private ``_length`` computes it on save."""
+    return data._length

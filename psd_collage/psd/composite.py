@@ -17,6 +17,7 @@ from psd_tools.composite import composite as psd_composite
 
 from ..collage import Box, to_u8
 from . import color
+from .boundary import document_structure, layer_channels
 
 #: Canvas pixels psd-tools composites in one go. Its compositor keeps about ten
 #: float32 canvases of the viewport alive (measured: 4.6 GB RSS for one 8000 x
@@ -207,7 +208,7 @@ def layer_samples(layer: Layer, psd: PSDImage) -> tuple[list[np.ndarray], np.nda
     width, height = layer.width, layer.height
     dtype = _SAMPLE_TYPES[psd.depth]
     colour, shape = [], None
-    for info, data in zip(layer._record.channel_info, layer._channels, strict=False):
+    for info, data in layer_channels(layer):
         if not len(data.data) or not (info.id >= 0 or info.id == -1):
             continue
         raw = data.get_data(width, height, psd.depth, psd.version)
@@ -226,7 +227,7 @@ def merged_samples(psd: PSDImage) -> np.ndarray | None:
     """
     if has_transparency(psd):
         return None
-    record = psd._record
+    record = document_structure(psd)
     raw = record.image_data.get_data(record.header, False)
     return np.frombuffer(raw, _SAMPLE_TYPES[psd.depth]).reshape(-1, psd.height, psd.width)
 

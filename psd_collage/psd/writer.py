@@ -45,6 +45,7 @@ from psd_tools.psd.tagged_blocks import TaggedBlocks
 
 from ..atomic import atomic_open, atomic_write
 from ..errors import CollageError, UnsupportedDocument
+from .boundary import channel_block_length, layer_records
 from .color import from_srgb
 from .history import add_render
 from .names import HARMONIZED_PREFIX
@@ -279,9 +280,9 @@ def _layer_info(document: PSD) -> LayerInfo:
     """The layer list the readers consult, created when the document has none.
 
     Photoshop keeps 16/32-bit layers in an Lr16/Lr32 block and leaves the plain
-    section empty; psd-tools' ``_get_layer_info`` picks whichever is used.
+    section empty; :func:`layer_records` picks whichever is used.
     """
-    info = document._get_layer_info()
+    info = layer_records(document)
     if info is None:
         info = LayerInfo()
         document.layer_and_mask_information.layer_info = info
@@ -468,7 +469,7 @@ def _find_variant(
     document: PSD, path: Path, record_index: int
 ) -> tuple[LayerRecord, ChannelDataList]:
     """The layer record at ``record_index``: the variant the reader chose."""
-    info = document._get_layer_info()
+    info = layer_records(document)
     if info is None or not 0 <= record_index < len(info.layer_records):
         raise CollageError(
             "the earlier variant to edit is no longer in the file; keep the earlier "
@@ -757,7 +758,7 @@ def _pixel_layer(
     sources = [(ChannelID.TRANSPARENCY_MASK, opaque)]
     sources += [(ChannelID(index), data) for index, (_, data) in enumerate(encoded)]
     for channel_id, data in sources:
-        record.channel_info.append(ChannelInfo(id=channel_id, length=data._length))
+        record.channel_info.append(ChannelInfo(id=channel_id, length=channel_block_length(data)))
         channels.append(ChannelData(compression=data.compression, data=data.data))
     return record, channels
 

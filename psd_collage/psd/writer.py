@@ -159,35 +159,22 @@ def write_variants(
     _check_arguments(variants, names, group_name, pin, header)
     icc = document.image_resources.get_data(Resource.ICC_PROFILE)
 
-    pinned = None
     if pin is not None and not pin.any():
         pin = None  # nothing pinned: no need to decode the source
+    pinned = None
     if pin is not None:
-        pinned = _pin_source(document, source, n_color, pin_base)
-        if pin_base is not None and pin_document is not None and pin_document.any():
-            pinned = np.array(pinned)  # writable
-            layers_only = _layers_composite(document, n_color)
-            np.copyto(pinned, layers_only, where=pin_document[None])
-            del layers_only
+        pinned = _pinned_pixels(document, source, n_color, pin_base, pin_document)
     layers = _layer_info(document)
     merged_alpha = layers.layer_count < 0
     next_id = _give_layer_ids(layers)
     codec = compression if compression is not None else layer_compression(depth)
 
-    # Record order is bottom to top: the group's end marker, the variants (the first,
-    # visible one last so that it is at the top of the group in the Layers panel),
-    # then the group's own record.
     records, merged, merged_rle = _variant_layers(
         variants, names, next_id + 1, (mode, icc, header, codec), pin, pinned, overlay is not None
     )
     del pinned
-    records.reverse()
-    records.insert(0, _group_record(_GROUP_END_NAME, next_id, n_color, end=True))
-    records.append(_group_record(group_name, next_id + 1 + len(names), n_color, end=False))
-    at = _record_position(layers, insert_at)
-    layers.layer_records[at:at] = [layer_record for layer_record, _ in records]
-    layers.channel_image_data[at:at] = [channels for _, channels in records]
-    layers.layer_count = (-1 if merged_alpha else 1) * len(layers.layer_records)
+    group = (group_name, next_id, n_color)
+    _insert_group(layers, records, group, _record_position(layers, insert_at), merged_alpha)
 
     if overlay is not None:
         assert merged is not None
@@ -203,6 +190,45 @@ def write_variants(
     if in_place and in_place_backup:
         _backup(source)
     return atomic_write(destination, document.write)
+
+
+def _pinned_pixels(
+    document: PSD,
+    source: Path,
+    n_color: int,
+    pin_base: int | None,
+    pin_document: np.ndarray | None,
+) -> np.ndarray:
+    """The native pixels a pin weighs back in: the document's composite or the earlier
+    variant ``pin_base``, with the layers-only composite where ``pin_document`` is True."""
+    pinned = _pin_source(document, source, n_color, pin_base)
+    if pin_base is not None and pin_document is not None and pin_document.any():
+        pinned = np.array(pinned)  # writable
+        layers_only = _layers_composite(document, n_color)
+        np.copyto(pinned, layers_only, where=pin_document[None])
+    return pinned
+
+
+def _insert_group(
+    layers: LayerInfo,
+    variants: list[tuple[LayerRecord, ChannelDataList]],
+    group: tuple[str, int, int],
+    at: int,
+    merged_alpha: bool,
+) -> None:
+    """Put the variant layers, inside a new group, at record index ``at``.
+
+    ``group`` is (name, first free layer id, colour channels). Record order is bottom
+    to top: the group's end marker, the variants (the first, visible one last, so that
+    it is at the top of the group in the Layers panel), then the group's own record.
+    """
+    name, next_id, n_color = group
+    records = [_group_record(_GROUP_END_NAME, next_id, n_color, end=True)]
+    records += reversed(variants)
+    records.append(_group_record(name, next_id + 1 + len(variants), n_color, end=False))
+    layers.layer_records[at:at] = [layer_record for layer_record, _ in records]
+    layers.channel_image_data[at:at] = [channels for _, channels in records]
+    layers.layer_count = (-1 if merged_alpha else 1) * len(layers.layer_records)
 
 
 # --- reading ---------------------------------------------------------------------

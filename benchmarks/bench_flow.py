@@ -167,14 +167,11 @@ def make_pipeline(components: FlowComponents, transformer: torch.nn.Module) -> A
     return cls(scheduler=scheduler, **parts)
 
 
-def run(args: Any, collage_request: Any) -> None:
-    """bench_engine.py --flux / --sd3."""
-    kind = "flux" if args.flux else "sd3"
-    config = dict((FULL if args.full else CONFIGS)[kind])
-    size = args.size or (1024 if args.full else 256)
-    steps = args.steps or (28 if args.full else 10)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype("bf16" if device.type == "cuda" else None, device)
+def engines(
+    kind: str, config: dict[str, Any], args: Any, device: torch.device, dtype: torch.dtype
+) -> tuple[FlowEngine, Any]:
+    """Our engine and diffusers' img2img pipeline on the same weights, each with its own
+    transformer (the pipeline's keeps diffusers' own attention processors)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # Flux.1's 12 B weights made in bf16, on the GPU
     try:
@@ -182,7 +179,7 @@ def run(args: Any, collage_request: Any) -> None:
             components = build(kind, config, args.full)
     finally:
         torch.set_default_dtype(default)
-    pipe_transformer = copy.deepcopy(components.transformer)  # diffusers' own processors
+    pipe_transformer = copy.deepcopy(components.transformer)
     engine = FlowEngine(components, EngineOptions(), device=device, dtype=dtype)
     if pipe_transformer.dtype != dtype:
         pipe_transformer.to(dtype=dtype)
@@ -191,6 +188,18 @@ def run(args: Any, collage_request: Any) -> None:
     if args.compile:
         components.transformer.compile()
         pipe_transformer.compile()
+    return engine, pipe
+
+
+def run(args: Any, collage_request: Any) -> None:
+    """bench_engine.py --flux / --sd3."""
+    kind = "flux" if args.flux else "sd3"
+    config = dict((FULL if args.full else CONFIGS)[kind])
+    size = args.size or (1024 if args.full else 256)
+    steps = args.steps or (28 if args.full else 10)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype("bf16" if device.type == "cuda" else None, device)
+    engine, pipe = engines(kind, config, args, device, dtype)
 
     seed = 1234
     request = collage_request(size, steps, seed)

@@ -52,7 +52,8 @@ else
 fi
 
 TESTS=(tests/test_engine_sampling.py tests/test_engine_attention.py tests/test_engine_tokens.py
-  tests/test_engine_controlnet.py tests/test_engine_lora.py tests/test_engine_cache.py)
+  tests/test_engine_controlnet.py tests/test_engine_lora.py tests/test_engine_cache.py
+  tests/test_shapes_train.py)
 if [ $FLOW = 1 ]; then
   TESTS=(tests/test_engine_flow.py tests/test_engine_flow_controlnet.py)
   if [ $CPU = 1 ]; then

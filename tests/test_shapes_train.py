@@ -13,6 +13,7 @@ import torch
 from psd_collage.engine import GenerationRequest, load_engine
 from psd_collage.shapes import model, train
 from psd_collage.shapes.world import SIZE, draw, draw_collages, random_scenes
+from tests.engine_helpers import DEVICE
 
 
 def _config(folder: str) -> dict:
@@ -56,8 +57,10 @@ def test_the_strong_configuration_trains_exports_and_renders(tmp_path):
     flags = ["--arch", "strong", "--work", str(tmp_path / "work"), "--out", str(out)]
     sizes = ["--vae-steps", "2", "--vae-batch", "2", "--scenes", "8", "--unet-steps", "2"]
     recipe = ["--batch", "4", "--threads", "1", "--edge-weight", "0.5", "--mixed-light", "0.5"]
-    train.main([*flags, *sizes, *recipe])
+    # On the device the engine tests use (PSD_COLLAGE_TEST_DEVICE: gpu_check.sh sets cuda).
+    train.main([*flags, *sizes, *recipe, "--device", DEVICE])
     stats = json.loads((out / "training.json").read_text())
+    assert stats["device"] == DEVICE
     assert stats["arch"]["name"] == "strong" and stats["arch"]["latent_channels"] == 16
     assert stats["vae_loss"] == {"kl_weight": 1e-6, "edge_weight": 0.5, "mixed_light": 0.5}
     engine = load_engine(str(out), device="cpu", dtype="fp32")
@@ -73,6 +76,15 @@ def test_the_strong_configuration_trains_exports_and_renders(tmp_path):
     # Resuming with other sizes is refused instead of loading mismatched weights.
     with pytest.raises(SystemExit, match="other model sizes"):
         train.main([*flags[2:], *sizes, "--batch", "4", "--threads", "1"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_a_device_that_is_not_there_is_refused_before_any_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--device", "cuda", "--work", str(tmp_path / "work")])
+    assert refused.value.code == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
 
 
 def test_a_noise_shift_divides_the_signal_to_noise_ratio_and_ships_with_the_weights(tmp_path):

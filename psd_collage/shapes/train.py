@@ -1,4 +1,4 @@
-"""Train the ``shapes`` model on the CPU: ``python -m psd_collage.shapes.train``.
+"""Train the ``shapes`` model: ``python -m psd_collage.shapes.train`` (CPU; ``--device cuda``).
 
 Three stages, each resumable from its checkpoint in ``--work``:
 
@@ -11,7 +11,7 @@ Three stages, each resumable from its checkpoint in ``--work``:
    an EMA of the weights is what ships).
 
 Every batch is a function of ``--seed`` and the step, so a resumed run continues
-exactly. ``--arch`` picks the sizes (:data:`~psd_collage.shapes.model.ARCHITECTURES`;
+exactly (batches are drawn on the CPU whatever ``--device`` trains on). ``--arch`` picks the sizes (:data:`~psd_collage.shapes.model.ARCHITECTURES`;
 the default is the shipped model, and with the other defaults the command reproduces
 its run). ``--probe`` times a few steps of each stage against the shipped
 configuration, projects the full run's wall time and the fp16 package size, and exits. The loss log is
@@ -149,12 +149,25 @@ def _positive(text: str) -> float:
     return value
 
 
+def _device(text: str) -> str:
+    """``--device``: refused at once when it is not there, not after a stage's setup."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(f"{text} is not a device (cpu, cuda, cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this torch sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda are supported")
+    return text
+
+
 def _resume(ckpt: Path, args: argparse.Namespace) -> dict[str, Any] | None:
     """The checkpoint's state, or None; one made for another --arch (or, for the UNet,
     another --noise-shift) is refused."""
     if not ckpt.exists():
         return None
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
     made_for = state.get("arch", SHIPPED.as_dict())
     if made_for != _arch(args).as_dict():
         raise SystemExit(f"{ckpt}: made for other model sizes than these; use another --work")
@@ -166,7 +179,7 @@ def _resume(ckpt: Path, args: argparse.Namespace) -> dict[str, Any] | None:
 def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:
     """Stage 1: the autoencoder on drawn scenes."""
     torch.manual_seed(args.seed)
-    vae = build_vae(_arch(args))
+    vae = build_vae(_arch(args)).to(args.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     ckpt, start, elapsed = work / "vae.pt", 0, 0.0
     state = _resume(ckpt, args)
@@ -180,7 +193,7 @@ def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr(step, args.vae_steps, args.vae_lr, warmup=50)
-        loss = vae_loss(vae, _crops(args, step), args)
+        loss = vae_loss(vae, _crops(args, step).to(args.device), args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -206,13 +219,14 @@ def cache_latents(args: argparse.Namespace, work: Path, vae: torch.nn.Module) ->
     """Stage 2: encode ``--scenes`` scenes once; set the VAE's scaling factor from them."""
     path = work / "latents.pt"
     if path.exists():
-        return torch.load(path, weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     tokenizer = build_tokenizer()
     latents, prompts, t0 = [], [], time.perf_counter()
     chunk = 64
     for start in tqdm(range(0, args.scenes, chunk), desc="cache"):
         scenes = random_scenes(min(chunk, args.scenes - start), seed=10_000_019 + start)
-        latents.append(vae.encode(_pixels(draw(scenes).images)).latent_dist.mean)
+        pixels = _pixels(draw(scenes).images).to(args.device)
+        latents.append(vae.encode(pixels).latent_dist.mean.cpu())
         prompts += [s.prompt for s in scenes]
     stacked = torch.cat(latents)
     ids = tokenizer(
@@ -262,7 +276,8 @@ def train_unet(args: argparse.Namespace, work: Path, cache: dict[str, Any]) -> t
     """Stage 3: UNet + text encoder jointly; returns their EMA copies."""
     torch.manual_seed(args.seed + 1)
     tokenizer = build_tokenizer()
-    unet, text = build_unet(_arch(args)), build_text_encoder(tokenizer, _arch(args))
+    unet = build_unet(_arch(args)).to(args.device)
+    text = build_text_encoder(tokenizer, _arch(args)).to(args.device)
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
@@ -278,7 +293,7 @@ def train_unet(args: argparse.Namespace, work: Path, cache: dict[str, Any]) -> t
             module.load_state_dict(state[key])
         opt.load_state_dict(state["opt"])
         start, elapsed = state["step"], state["elapsed"]
-    alphas = build_scheduler(args.noise_shift).alphas_cumprod.float()
+    alphas = build_scheduler(args.noise_shift).alphas_cumprod.float().to(args.device)
     latents = cache["latents"].float() * cache["scaling_factor"]
     ids, empty = cache["ids"], cache["empty"]
     unet.train()
@@ -296,7 +311,8 @@ def train_unet(args: argparse.Namespace, work: Path, cache: dict[str, Any]) -> t
         tok[drop] = empty[0]
         t = torch.randint(0, len(alphas), (args.batch,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        loss = unet_loss(unet, text, x0, tok, t, noise, alphas)
+        batch = (x.to(args.device) for x in (x0, tok, t, noise))
+        loss = unet_loss(unet, text, *batch, alphas)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -322,7 +338,7 @@ def train_unet(args: argparse.Namespace, work: Path, cache: dict[str, Any]) -> t
                     "elapsed": time.perf_counter() - t0,
                 },
             )
-    return ema_unet.eval(), ema_text.eval()
+    return ema_unet.eval().cpu(), ema_text.eval().cpu()
 
 
 def export(
@@ -332,6 +348,7 @@ def export(
     from diffusers import StableDiffusionPipeline
 
     out = Path(args.out)
+    vae = vae.cpu()
     vae.register_to_config(scaling_factor=cache["scaling_factor"])
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -374,6 +391,7 @@ def export(
         "seconds": {**seconds, "cache": cache["seconds"]},
         "scaling_factor": cache["scaling_factor"],
         "threads": torch.get_num_threads(),
+        "device": args.device,
     }
     atomic_write_text(out / "training.json", json.dumps(stats, indent=2) + "\n")
 
@@ -548,6 +566,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--probe", action="store_true", help="time a few steps, project the run, and exit"
+    )
+    parser.add_argument(
+        "--device",
+        type=_device,
+        default="cpu",
+        help="what to train on: cpu, cuda or cuda:N (--probe always times the CPU)",
     )
     parser.add_argument("--probe-steps", type=int, default=4, help="timed steps per stage")
     parser.add_argument(

@@ -83,7 +83,7 @@ def test_a_device_that_is_not_there_is_refused_before_any_training(tmp_path, cap
     with pytest.raises(SystemExit) as refused:
         train.main(["--device", "cuda", "--work", str(tmp_path / "work")])
     assert refused.value.code == 2
-    assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert "CUDA is not available: use --device cpu" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
 
 

@@ -11,8 +11,9 @@ Three stages, each resumable from its checkpoint in ``--work``:
    an EMA of the weights is what ships).
 
 Every batch is a function of ``--seed`` and the step, so a resumed run continues
-exactly (batches are drawn on the CPU whatever ``--device`` trains on). ``--arch`` picks the sizes (:data:`~psd_collage.shapes.model.ARCHITECTURES`;
-the default is the shipped model, and with the other defaults the command reproduces
+exactly (batches are drawn on the CPU whatever ``--device`` trains on). ``--arch``
+picks the sizes (:data:`~psd_collage.shapes.model.ARCHITECTURES`; the default is the
+shipped model, and with the other defaults the command reproduces
 its run). ``--probe`` times a few steps of each stage against the shipped
 configuration, projects the full run's wall time and the fp16 package size, and exits. The loss log is
 ``WORK/loss.csv``; the export writes the fp16 diffusers folder, the loss curve PNG and
@@ -37,6 +38,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..atomic import atomic_open, atomic_write_text
+from ..engine.models import resolve_device
+from ..errors import SettingsError
 from .model import (
     ARCHITECTURES,
     LATENT_SIZE,
@@ -150,15 +153,11 @@ def _positive(text: str) -> float:
 
 
 def _device(text: str) -> str:
-    """``--device``: refused at once when it is not there, not after a stage's setup."""
+    """``--device``, checked by the engine's own rule, refused before any training."""
     try:
-        device = torch.device(text)
-    except RuntimeError as exc:
-        raise argparse.ArgumentTypeError(f"{text} is not a device (cpu, cuda, cuda:N)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: this torch sees no CUDA GPU")
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda are supported")
+        resolve_device(text)
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 
@@ -571,7 +570,7 @@ def _parser() -> argparse.ArgumentParser:
         "--device",
         type=_device,
         default="cpu",
-        help="what to train on: cpu, cuda or cuda:N (--probe always times the CPU)",
+        help="what to train on: cpu, cuda, cuda:N or mps (--probe always times the CPU)",
     )
     parser.add_argument("--probe-steps", type=int, default=4, help="timed steps per stage")
     parser.add_argument(

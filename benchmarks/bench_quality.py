@@ -307,7 +307,7 @@ def quality(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[str,
     """The table (fidelity and harmonization per method), steering and lock."""
     out: dict[str, Any] = {}
     cases = make_cases(args.collages, folder)
-    if _wanted(args, "table"):
+    if wanted(args, "table"):
         rows: dict[str, dict[str, float]] = {}
         # The collage as pasted (no model), and through the autoencoder alone: ceilings.
         methods: list[tuple[str, float, Callable[[Path], np.ndarray]]] = [
@@ -321,7 +321,7 @@ def quality(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[str,
             rows[name] = evaluate(runner, cases, noise, run).row()
             _print_row(name, rows[name])
         out["rows"] = rows
-    if _wanted(args, "steering"):
+    if wanted(args, "steering"):
         blobs = blob_cases(args.collages, folder)
         steer = out["steering"] = {
             "steered": steering_rate(runner, blobs),
@@ -331,10 +331,10 @@ def quality(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[str,
             f"steering: right-region rate {steer['steered']:.3f} steered vs "
             f"{steer['unsteered']:.3f} with inside=0, outside=0 ({2 * len(blobs)} regions)"
         )
-    if _wanted(args, "lock"):
+    if wanted(args, "lock"):
         lock = out["lock"] = lock_rate(runner, cases[: args.lock], folder)
         print(f"lock: {lock:.3f} of {args.lock} collages with an identical locked backdrop")
-    if _wanted(args, "drawing"):
+    if wanted(args, "drawing"):
         drawn = out["drawing"] = drawing_rate(runner)
         print(
             f"drawing: {drawn['rate']:.3f} of {drawn['prompts']} text-to-image pictures "
@@ -391,7 +391,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-def _wanted(args: argparse.Namespace, part: str) -> bool:
+def wanted(args: argparse.Namespace, part: str) -> bool:
+    """Whether ``--only`` asks for ``part`` (no ``--only``: every part); calibrate.py shares it."""
     return not args.only or part in args.only
 
 

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 from bench_quality import (
     Runner,
-    _wanted,
     blob_cases,
     evaluate,
     make_cases,
     steering_rate,
+    wanted,
 )
 
 from psd_collage.render import Renderer
@@ -49,16 +49,16 @@ def calibrate(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[st
     blobs = blob_cases(n, folder)
     out: dict[str, Any] = {}
 
-    if _wanted(args, "size"):
+    if wanted(args, "size"):
         _size(runner, cases, blobs, out)
-    if _wanted(args, "schedule"):
+    if wanted(args, "schedule"):
         _schedule(runner, cases, blobs, out)
-    if _wanted(args, "dilation"):
+    if wanted(args, "dilation"):
         q = out["dilation"] = {}
         for dilate in (False, True):
             q[str(dilate)] = _quality(runner, cases, 0.6, pin_dilation=dilate)
             _show("dilation", "int(4t/1000) px" if dilate else "none", q[str(dilate)])
-    if _wanted(args, "min_area"):
+    if wanted(args, "min_area"):
         q = out["min_area"] = {}
         small = blob_cases(n, folder, radius=(5.0, 7.0))  # 0.5-0.9 % of the canvas each
         for min_area in (0.01, 0.0):
@@ -66,7 +66,7 @@ def calibrate(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[st
             _show("min area", f"{min_area:.0%} (small blobs)", q[str(min_area)])
         q["unsteered"] = steering_rate(runner, small, steer=False)
         _show("min area", "inside=0, outside=0", q["unsteered"])
-    if _wanted(args, "ti"):
+    if wanted(args, "ti"):
         out["ti"] = textual_inversion(args, folder)
     return out
 

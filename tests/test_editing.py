@@ -25,6 +25,7 @@ from psd_tools.psd import PSD
 
 from psd_collage import atomic
 from psd_collage.errors import CollageError
+from psd_collage.psd.boundary import layer_records
 from psd_collage.psd.history import add_render, find_variant, read_renders, read_renders_from_file
 from psd_collage.psd.reader import TYPE_KEPT, read_collage
 from psd_collage.psd.writer import write_variants
@@ -307,7 +308,7 @@ def test_sidecar_with_nan_is_one_line(tmp_path):
 def _corrupt_layer(source: Path, dest: Path, name: str) -> Path:
     with open(source, "rb") as fh:
         document = PSD.read(fh)
-    info = document._get_layer_info()
+    info = layer_records(document)
     for record, channels in zip(info.layer_records, info.channel_image_data, strict=True):
         if record.name == name:
             for channel in channels:  # a ZIP stream that is not one
@@ -445,7 +446,7 @@ def without_layer_ids(path: Path) -> Path:
 
     with open(path, "rb") as fh:
         document = PSD.read(fh)
-    for record in document._get_layer_info().layer_records:
+    for record in layer_records(document).layer_records:
         if Tag.LAYER_ID in record.tagged_blocks:
             del record.tagged_blocks[Tag.LAYER_ID]
     with open(path, "wb") as fh:

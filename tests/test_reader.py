@@ -15,7 +15,7 @@ from psd_tools.psd import PSD
 
 from psd_collage.errors import CollageError, SettingsError, TagError, UnsupportedDocument
 from psd_collage.psd import composite, reader
-from psd_collage.psd.boundary import quiet_psd_tools
+from psd_collage.psd.boundary import layer_records, quiet_psd_tools
 from psd_collage.psd.composite import Compositor, intersect
 from psd_collage.psd.header import SUPPORTED_MODES, check_header, read_header
 from psd_collage.psd.names import HARMONIZED_PREFIX, is_default_name
@@ -463,7 +463,7 @@ def test_base_is_found_by_identity_when_variant_names_repeat(tmp_path: Path) -> 
 def test_record_index_names_the_layers_record(fixtures_dir: Path, name: str) -> None:
     psd = PSDImage.open(fixtures_dir / name)
     with open(fixtures_dir / name, "rb") as fh:
-        records = PSD.read(fh)._get_layer_info().layer_records  # as the writer reads them
+        records = layer_records(PSD.read(fh)).layer_records  # as the writer reads them
     for layer in psd.descendants():
         record = records[reader.record_index(psd, layer)]
         assert record.tagged_blocks.get_data(Tag.UNICODE_LAYER_NAME, record.name) == layer.name

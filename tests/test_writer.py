@@ -16,6 +16,7 @@ from psd_tools.psd import PSD
 from psd_tools.psd.image_resources import ImageResource, VersionInfo
 
 from psd_collage.errors import CollageError, UnsupportedDocument
+from psd_collage.psd.boundary import document_structure, layer_channels, layer_records
 from psd_collage.psd.color import from_srgb
 from psd_collage.psd.reader import record_index
 from psd_collage.psd.writer import write_variants
@@ -47,7 +48,7 @@ def build(
     white = (1.0,) * (channels + alpha_channel)
     psd = PSDImage.new(mode + ("A" if alpha_channel else ""), size, color=white, depth=depth)
     if psb:  # before any layer: PSB's RLE row counts are 4 bytes wide
-        psd._record.header.version = 2
+        document_structure(psd).header.version = 2
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     ramp = np.stack(
         [(xx / width + 0.25 * k + yy / (3 * height)) % 1.0 for k in range(channels)], -1
@@ -116,10 +117,9 @@ def merged_raw(document: PSD) -> np.ndarray:
 
 def layer_raw(layer, header) -> tuple[np.ndarray, np.ndarray | None]:
     """A psd-tools layer's colour planes (H, W, C) and transparency, as stored."""
-    record, channels = layer._record, layer._channels
-    width, height = record.right - record.left, record.bottom - record.top
+    width, height = layer.width, layer.height  # the record's box, as the channels are stored
     planes = {}
-    for info, data in zip(record.channel_info, channels, strict=True):
+    for info, data in layer_channels(layer):
         raw = data.get_data(width, height, header.depth, header.version)
         planes[int(info.id)] = np.frombuffer(raw, _DTYPE[header.depth]).reshape(height, width)
     colour = np.stack([planes[i] for i in sorted(k for k in planes if k >= 0)], -1)
@@ -149,7 +149,7 @@ def assert_originals_untouched(source: Path, output: Path, added: int) -> None:
     assert serialized(after.image_resources, "macroman") == serialized(
         before.image_resources, "macroman"
     )
-    old, new = before._get_layer_info(), after._get_layer_info()
+    old, new = layer_records(before), layer_records(after)
     count = len(old.layer_records) if old else 0
     assert len(new.layer_records) == count + added
     for index in range(count):
@@ -243,7 +243,7 @@ def test_variants_are_stored_in_the_documents_own_mode_and_depth(tmp_path, mode,
         colour, transparency = layer_raw(layer, document.header)
         assert transparency is not None and (transparency == _SCALE[depth]).all(), "not opaque"
         # Transparency plus colour channels only: no layer mask (-2), as frompil would add.
-        ids = [int(info.id) for info in layer._record.channel_info]
+        ids = [int(info.id) for info, _ in layer_channels(layer)]
         assert ids == list(range(-1, _CHANNELS[_MODE[mode]]))
         # Pinned pixels are the source's, bit for bit.
         assert np.array_equal(colour[kept], source_pixels[kept])
@@ -281,7 +281,7 @@ def test_feathered_pin_edges_mix_source_and_variant(tmp_path):
 def test_group_records_carry_the_documents_channel_ids(tmp_path):
     source = build(tmp_path / "in.psd", "CMYK", 8)
     output = write_variants(source, tmp_path / "out.psd", random_variants(24, 32), NAMES, GROUP)
-    records = read_record(output)._get_layer_info().layer_records
+    records = layer_records(read_record(output)).layer_records
     for record in (records[-1], records[-4]):  # the group and its end marker
         assert [int(info.id) for info in record.channel_info] == [-1, 0, 1, 2, 3]
 
@@ -510,7 +510,8 @@ def test_photoshop_files_keep_everything_and_gain_one_group(fixtures_dir, tmp_pa
     visible, _ = layer_raw(layers[0], document.header)
     merged = merged_raw(document)
     assert np.array_equal(merged[..., :n], visible)
-    if before._record._get_layer_info() and before._record._get_layer_info().layer_count < 0:
+    records = layer_records(document_structure(before))
+    if records and records.layer_count < 0:
         assert (merged[..., n] == _SCALE[depth]).all()  # composite transparency: now opaque
 
 
@@ -535,7 +536,7 @@ def test_imagemagick_reads_photoshop_files_after_writing(fixtures_dir, tmp_path,
 def test_merged_extra_channels_are_kept_and_transparency_made_opaque(tmp_path):
     source = build(tmp_path / "in.psd", "RGB", 8, alpha_channel=True)
     document = fresh_record(source)
-    assert document.header.channels == 4 and document._get_layer_info().layer_count > 0
+    assert document.header.channels == 4 and layer_records(document).layer_count > 0
     selection = merged_raw(document)[..., 3].copy()
     selection[3:9, 4:20] = 77  # a saved selection with content
     planes = [merged_raw(document)[..., i].tobytes() for i in range(3)] + [selection.tobytes()]
@@ -554,7 +555,7 @@ def test_merged_extra_channels_are_kept_and_transparency_made_opaque(tmp_path):
         document.write(fh)
     output = write_variants(source, tmp_path / "out2.psd", random_variants(24, 32), NAMES, GROUP)
     after = read_record(output)
-    assert after._get_layer_info().layer_count < 0
+    assert layer_records(after).layer_count < 0
     assert (merged_raw(after)[..., 3] == 255).all()
 
 
@@ -637,7 +638,7 @@ def test_pin_base_moved_variant_is_laid_over_the_composite(tmp_path):
     chosen, _ = layer_raw(earlier[1], header)
     document = fresh_record(first)
     index = record_index(first_psd, earlier[1])  # "seed 99 ...", below "seed 1234"
-    record = document._get_layer_info().layer_records[index]
+    record = layer_records(document).layer_records[index]
     record.left, record.top, record.right, record.bottom = 3, 2, 35, 26
     moved = tmp_path / "moved.psd"
     with open(moved, "wb") as fh:

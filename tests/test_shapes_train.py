@@ -57,12 +57,14 @@ def test_the_strong_configuration_trains_exports_and_renders(tmp_path):
     flags = ["--arch", "strong", "--work", str(tmp_path / "work"), "--out", str(out)]
     sizes = ["--vae-steps", "2", "--vae-batch", "2", "--scenes", "8", "--unet-steps", "2"]
     recipe = ["--batch", "4", "--threads", "1", "--edge-weight", "0.5", "--mixed-light", "0.5"]
+    recipe += ["--unet-mixed-light", "0.5"]
     # On the device the engine tests use (PSD_COLLAGE_TEST_DEVICE: gpu_check.sh sets cuda).
     train.main([*flags, *sizes, *recipe, "--device", DEVICE])
     stats = json.loads((out / "training.json").read_text())
     assert stats["device"] == DEVICE
     assert stats["arch"]["name"] == "strong" and stats["arch"]["latent_channels"] == 16
     assert stats["vae_loss"] == {"kl_weight": 1e-6, "edge_weight": 0.5, "mixed_light": 0.5}
+    assert stats["unet_mixed_light"] == 0.5
     engine = load_engine(str(out), device="cpu", dtype="fp32")
     assert engine.components.vae.config.latent_channels == 16
     request = GenerationRequest(
@@ -73,6 +75,9 @@ def test_the_strong_configuration_trains_exports_and_renders(tmp_path):
     )
     latents, _ = engine.sample_latents(request)
     assert latents.shape == (1, 16, SIZE // 8, SIZE // 8)
+    # Latents cached for one recipe are not reused for another.
+    with pytest.raises(SystemExit, match="another --unet-mixed-light"):
+        train.main([*flags, *sizes, "--batch", "4", "--threads", "1"])
     # Resuming with other sizes is refused instead of loading mismatched weights.
     with pytest.raises(SystemExit, match="other model sizes"):
         train.main([*flags[2:], *sizes, "--batch", "4", "--threads", "1"])

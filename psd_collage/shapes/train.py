@@ -52,7 +52,7 @@ from .model import (
     build_unet,
     build_vae,
 )
-from .world import LIGHTS, draw, draw_collages, random_scenes
+from .world import LIGHTS, Scene, draw, draw_collages, random_scenes
 
 CAPTION_DROPOUT = 0.1
 KL_WEIGHT = 1e-6
@@ -90,24 +90,29 @@ def _crops(args: argparse.Namespace, step: int) -> torch.Tensor:
     """A VAE batch: random ``--vae-crop`` px crops of freshly drawn scenes (same pixel scale);
     a ``--mixed-light`` share of them collages whose objects come from another light."""
     seed = args.seed * 1_000_003 + step
-    scenes = random_scenes(args.vae_batch, seed=seed)
-    if args.mixed_light > 0:
-        mix = np.random.default_rng([seed, 1])  # apart from the crops' generator below
-        lights = [
-            str(mix.choice([other for other in LIGHTS if other != s.light]))
-            if mix.random() < args.mixed_light
-            else s.light
-            for s in scenes
-        ]
-        images = draw_collages(scenes, lights)
-    else:
-        images = draw(scenes).images
+    images = _scene_images(random_scenes(args.vae_batch, seed=seed), args.mixed_light, seed)
     rng = np.random.default_rng(seed)
     c = args.vae_crop
     corners = rng.integers(0, images.shape[1] - c + 1, (len(images), 2))
     return _pixels(
         np.stack([im[y : y + c, x : x + c] for im, (y, x) in zip(images, corners, strict=False)])
     )
+
+
+def _scene_images(scenes: list[Scene], mixed: float, seed: int) -> np.ndarray:
+    """``scenes`` drawn, a ``mixed`` share of them as collages whose objects come from
+    another light (the same draw for the VAE's ``--mixed-light`` and the UNet's
+    ``--unet-mixed-light``)."""
+    if mixed <= 0:
+        return draw(scenes).images
+    mix = np.random.default_rng([seed, 1])  # apart from the caller's own generators
+    lights = [
+        str(mix.choice([other for other in LIGHTS if other != s.light]))
+        if mix.random() < mixed
+        else s.light
+        for s in scenes
+    ]
+    return draw_collages(scenes, lights)
 
 
 def _edges(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,13 +223,17 @@ def cache_latents(args: argparse.Namespace, work: Path, vae: torch.nn.Module) ->
     """Stage 2: encode ``--scenes`` scenes once; set the VAE's scaling factor from them."""
     path = work / "latents.pt"
     if path.exists():
-        return torch.load(path, map_location="cpu", weights_only=False)
+        cache = torch.load(path, map_location="cpu", weights_only=False)
+        if cache.get("unet_mixed_light", 0.0) != args.unet_mixed_light:
+            raise SystemExit(f"{path}: cached with another --unet-mixed-light; use another --work")
+        return cache
     tokenizer = build_tokenizer()
     latents, prompts, t0 = [], [], time.perf_counter()
     chunk = 64
     for start in tqdm(range(0, args.scenes, chunk), desc="cache"):
-        scenes = random_scenes(min(chunk, args.scenes - start), seed=10_000_019 + start)
-        pixels = _pixels(draw(scenes).images).to(args.device)
+        seed = 10_000_019 + start
+        scenes = random_scenes(min(chunk, args.scenes - start), seed=seed)
+        pixels = _pixels(_scene_images(scenes, args.unet_mixed_light, seed)).to(args.device)
         latents.append(vae.encode(pixels).latent_dist.mean.cpu())
         prompts += [s.prompt for s in scenes]
     stacked = torch.cat(latents)
@@ -243,6 +252,7 @@ def cache_latents(args: argparse.Namespace, work: Path, vae: torch.nn.Module) ->
         "ids": ids,
         "empty": empty,
         "scaling_factor": float(1.0 / stacked.std()),
+        "unet_mixed_light": args.unet_mixed_light,
         "seconds": time.perf_counter() - t0,
     }
     _save(path, cache)
@@ -386,6 +396,7 @@ def export(
         "batch": args.batch,
         "noise_shift": args.noise_shift,
         "scenes": args.scenes,
+        "unet_mixed_light": args.unet_mixed_light,
         "final_loss": final,
         "seconds": {**seconds, "cache": cache["seconds"]},
         "scaling_factor": cache["scaling_factor"],
@@ -553,6 +564,13 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="share of VAE scenes whose objects come from another light (collages)",
+    )
+    parser.add_argument(
+        "--unet-mixed-light",
+        type=float,
+        default=0.0,
+        help="share of the UNet's cached scenes whose objects come from another light "
+        "(their prompt still names the scene's light)",
     )
     parser.add_argument("--scenes", type=int, default=4096)
     parser.add_argument("--unet-steps", type=int, default=4000)

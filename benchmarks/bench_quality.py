@@ -13,6 +13,10 @@ Methods on the same collages and seeds:
 - references: ``as pasted`` (no model: harmonization 0) and ``VAE round trip`` (the
   collage through the model's autoencoder alone: the most any method can keep).
 
+Light: the same collages with their objects in the scene's own light, against another
+light, through the autoencoder and img2img at strengths 0.1 and 0.3: does the model keep
+the objects it finds plausible and drop the others?
+
 Spatial steering: grey placeholder discs at noise 1 captioned e.g. ``a red circle`` and
 ``a blue square``; the rate of regions whose colour is their caption's, with the
 automatic weights and with ``inside=0, outside=0``. Lock: a locked backdrop rendered end
@@ -304,7 +308,8 @@ MEASURES = ("hue", "iou", "harmonization")
 
 
 def quality(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[str, Any]:
-    """The table (fidelity and harmonization per method), steering and lock."""
+    """The table (fidelity and harmonization per method), the light check, steering, lock
+    and drawing."""
     out: dict[str, Any] = {}
     cases = make_cases(args.collages, folder)
     if wanted(args, "table"):
@@ -321,6 +326,8 @@ def quality(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[str,
             rows[name] = evaluate(runner, cases, noise, run).row()
             _print_row(name, rows[name])
         out["rows"] = rows
+    if wanted(args, "light"):
+        out["light"] = light_rows(runner, cases)
     if wanted(args, "steering"):
         blobs = blob_cases(args.collages, folder)
         steer = out["steering"] = {
@@ -345,6 +352,35 @@ def quality(args: argparse.Namespace, runner: Runner, folder: Path) -> dict[str,
         mark = "met " if target["met"] else "MISS"
         print(f"target {mark} {target['name']}: {target['figure']}")
     return out
+
+
+def light_rows(runner: Runner, cases: list[Case]) -> dict[str, dict[str, float]]:
+    """The same collages with their objects in the scene's own light and in another one:
+    whether the model keeps an object it finds plausible, and drops one it does not.
+
+    With objects in the scene's light, harmonization has nothing to measure (what was
+    pasted is the truth), so only hue, IoU and gone are printed. The methods: the
+    autoencoder, and img2img at strengths low enough that an object should survive.
+    """
+    runs: dict[str, Callable[[Path], np.ndarray]] = {
+        "VAE round trip": runner.round_trip,
+        "img2img s=0.1": lambda p: runner.img2img(p, 0.1),
+        "img2img s=0.3": lambda p: runner.img2img(p, 0.3),
+    }
+    rows: dict[str, dict[str, float]] = {}
+    for kind in ("same light", "other light"):
+        lit = [
+            Case(c.scene, c.scene.light if kind == "same light" else c.object_light, c.path)
+            for c in cases
+        ]
+        for method, run in runs.items():
+            row = rows[f"{kind}: {method}"] = evaluate(runner, lit, 0.6, run).row()
+            print(
+                f"{kind + ': ' + method:<28} hue {row['hue']:.3f}  iou {row['iou']:.3f}  "
+                f"gone {row['gone']:.3f}",
+                flush=True,
+            )
+    return rows
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -467,7 +503,7 @@ def main() -> None:
         "--only",
         nargs="*",
         default=[],
-        help="parts to run: table steering lock drawing; with --calibrate: size schedule dilation "
+        help="parts to run: table light steering lock drawing; with --calibrate: size schedule dilation "
         "min_area ti",
     )
     args = parser.parse_args()

@@ -114,3 +114,35 @@ def test_a_noise_shift_divides_the_signal_to_noise_ratio_and_ships_with_the_weig
     with pytest.raises(SystemExit) as refused:
         train.main([*common, "--out", str(out), "--noise-shift", "0"])
     assert refused.value.code == 2
+
+
+def test_init_fine_tunes_an_exported_model_keeping_its_autoencoder(tmp_path):
+    """``--init FOLDER`` (a recipe tried in minutes): the folder's VAE and latent scale ship
+    unchanged, its UNet trains on from its weights, and a folder of other sizes is refused."""
+    sizes = ["--vae-steps", "2", "--vae-batch", "2", "--scenes", "8", "--batch", "4"]
+    first, tuned = tmp_path / "first", tmp_path / "tuned"
+    made = ["--unet-steps", "2", "--threads", "1", "--out", str(first)]
+    train.main([*sizes, *made, "--work", str(tmp_path / "w1")])
+    fine = ["--init", str(first), "--unet-steps", "3", "--unet-mixed-light", "0.5"]
+    train.main(
+        [*sizes, *fine, "--threads", "1", "--work", str(tmp_path / "w2"), "--out", str(tuned)]
+    )
+    stats = json.loads((tuned / "training.json").read_text())
+    assert stats["init"] == str(first) and stats["vae_steps"] == 0
+    assert "vae" not in stats["final_loss"]
+    before = load_engine(str(first), device="cpu", dtype="fp32").components
+    after = load_engine(str(tuned), device="cpu", dtype="fp32").components
+    assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
+    for name, weight in before.vae.state_dict().items():
+        assert torch.equal(after.vae.state_dict()[name], weight), name
+    changed = [
+        name
+        for name, weight in before.unet.state_dict().items()
+        if not torch.equal(after.unet.state_dict()[name], weight)
+    ]
+    assert changed  # it trained on from the folder's weights
+    never = tmp_path / "never"
+    other_sizes = ["--arch", "strong", "--init", str(first), "--out", str(never)]
+    with pytest.raises(SystemExit, match="does not load as --arch strong"):
+        train.main([*sizes, *other_sizes, "--work", str(tmp_path / "w3")])
+    assert not never.exists()

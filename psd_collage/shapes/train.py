@@ -5,7 +5,8 @@ Three stages, each resumable from its checkpoint in ``--work``:
 1. the VAE, on crops of freshly drawn world scenes (MSE + L1 + a small KL term, optionally
    an edge term and collages whose objects come from another light), decoding the
    posterior mean;
-2. the latent cache: ``--scenes`` scenes encoded once (posterior means) with their prompts;
+2. the latent cache: ``--scenes`` scenes encoded once (posterior means) with their prompts
+   (optionally a share of them collages, ``--unet-mixed-light``);
 3. the UNet and the text encoder jointly, on the cached latents (epsilon prediction,
    Stable Diffusion's noise schedule, 10 % caption dropout for classifier-free guidance,
    an EMA of the weights is what ships).
@@ -17,7 +18,9 @@ shipped model, and with the other defaults the command reproduces
 its run). ``--probe`` times a few steps of each stage against the shipped
 configuration, projects the full run's wall time and the fp16 package size, and exits. The loss log is
 ``WORK/loss.csv``; the export writes the fp16 diffusers folder, the loss curve PNG and
-``training.json`` (steps, wall time, final losses) into ``--out``.
+``training.json`` (steps, wall time, final losses) into ``--out``. ``--init FOLDER``
+fine-tunes an exported model instead: stage 1 keeps its VAE, stage 3 starts from its
+UNet and text encoder (a recipe tried in minutes, not the hour a new model takes).
 """
 
 from __future__ import annotations
@@ -180,6 +183,33 @@ def _resume(ckpt: Path, args: argparse.Namespace) -> dict[str, Any] | None:
     return state
 
 
+def _init_modules(args: argparse.Namespace, part: str, module: torch.nn.Module) -> None:
+    """Load ``--init``'s ``part`` (its exported fp16 weights, in fp32) into ``module``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    loader = {"vae": AutoencoderKL, "unet": UNet2DConditionModel}.get(part, CLIPTextModel)
+    folder = Path(args.init) / part
+    try:
+        weights = loader.from_pretrained(folder, torch_dtype=torch.float32).state_dict()
+        module.load_state_dict(weights)
+    except (OSError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SystemExit(
+            f"--init {args.init}: {part} does not load as --arch {args.arch} ({first})"
+        ) from None
+
+
+def init_vae(args: argparse.Namespace) -> torch.nn.Module:
+    """Stage 1 with ``--init``: the folder's autoencoder as it is (the UNet continues on
+    its latents), with the scale its UNet was trained at."""
+    vae = build_vae(_arch(args))
+    _init_modules(args, "vae", vae)
+    config = json.loads((Path(args.init) / "vae" / "config.json").read_text())
+    vae.register_to_config(scaling_factor=float(config["scaling_factor"]))
+    return vae.to(args.device).eval()
+
+
 def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:
     """Stage 1: the autoencoder on drawn scenes."""
     torch.manual_seed(args.seed)
@@ -226,6 +256,10 @@ def cache_latents(args: argparse.Namespace, work: Path, vae: torch.nn.Module) ->
         cache = torch.load(path, map_location="cpu", weights_only=False)
         if cache.get("unet_mixed_light", 0.0) != args.unet_mixed_light:
             raise SystemExit(f"{path}: cached with another --unet-mixed-light; use another --work")
+        if cache.get("init") != args.init:
+            raise SystemExit(
+                f"{path}: cached with another autoencoder (--init); use another --work"
+            )
         return cache
     tokenizer = build_tokenizer()
     latents, prompts, t0 = [], [], time.perf_counter()
@@ -251,8 +285,10 @@ def cache_latents(args: argparse.Namespace, work: Path, vae: torch.nn.Module) ->
         "latents": stacked.half(),
         "ids": ids,
         "empty": empty,
-        "scaling_factor": float(1.0 / stacked.std()),
+        # An --init UNet keeps the scale it was trained at; a new one gets unit variance.
+        "scaling_factor": float(vae.config.scaling_factor if args.init else 1.0 / stacked.std()),
         "unet_mixed_light": args.unet_mixed_light,
+        "init": args.init,
         "seconds": time.perf_counter() - t0,
     }
     _save(path, cache)
@@ -287,6 +323,9 @@ def train_unet(args: argparse.Namespace, work: Path, cache: dict[str, Any]) -> t
     tokenizer = build_tokenizer()
     unet = build_unet(_arch(args)).to(args.device)
     text = build_text_encoder(tokenizer, _arch(args)).to(args.device)
+    if args.init:
+        _init_modules(args, "unet", unet)
+        _init_modules(args, "text_encoder", text)
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
@@ -373,13 +412,13 @@ def export(
     pipe.save_pretrained(out, safe_serialization=True)
     rows = list(csv.DictReader((work / "loss.csv").open()))
     plot_loss(rows, out / "loss_curve.png")
+    ran = [stage for stage in ("vae", "unet") if any(r["stage"] == stage for r in rows)]
     final = {
         stage: float(np.mean([float(r["loss"]) for r in rows if r["stage"] == stage][-10:]))
-        for stage in ("vae", "unet")
+        for stage in ran
     }
     seconds = {
-        stage: max(float(r["seconds"]) for r in rows if r["stage"] == stage)
-        for stage in ("vae", "unet")
+        stage: max(float(r["seconds"]) for r in rows if r["stage"] == stage) for stage in ran
     }
     unet_done = max(int(r["step"]) for r in rows if r["stage"] == "unet") + 1
     stats = {
@@ -390,7 +429,8 @@ def export(
             "edge_weight": args.edge_weight,
             "mixed_light": args.mixed_light,
         },
-        "vae_steps": args.vae_steps,
+        "init": args.init,
+        "vae_steps": 0 if args.init else args.vae_steps,
         "vae_batch": args.vae_batch,
         "unet_steps": unet_done,
         "batch": args.batch,
@@ -544,6 +584,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="shipped")
+    parser.add_argument(
+        "--init",
+        metavar="FOLDER",
+        help="fine-tune an exported model of these sizes (e.g. psd_collage/shapes/weights): "
+        "its autoencoder is kept, its UNet and text encoder train on from their weights",
+    )
     parser.add_argument("--latent-channels", type=int, help="instead of the --arch's")
     parser.add_argument("--vae-blocks", type=_widths, help="four widths, e.g. 32,64,96,96")
     parser.add_argument("--unet-blocks", type=_widths, help="three widths, e.g. 64,128,128")
@@ -608,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    vae = train_vae(args, work)
+    vae = init_vae(args) if args.init else train_vae(args, work)
     cache = cache_latents(args, work, vae)
     unet, text = train_unet(args, work, cache)
     export(args, work, vae, cache, unet, text)

@@ -146,3 +146,20 @@ def test_init_fine_tunes_an_exported_model_keeping_its_autoencoder(tmp_path):
     with pytest.raises(SystemExit, match="does not load as --arch strong"):
         train.main([*sizes, *other_sizes, "--work", str(tmp_path / "w3")])
     assert not never.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--init", "no-such-folder"], "is not an exported model folder"),
+        (["--unet-mixed-light", "1.5"], "is not a share from 0 to 1"),
+        (["--mixed-light", "half"], "is not a share from 0 to 1"),
+    ],
+)
+def test_a_bad_recipe_is_refused_before_any_training(tmp_path, capsys, flags, message):
+    work, out = tmp_path / "work", tmp_path / "out"
+    with pytest.raises(SystemExit) as refused:
+        train.main([*flags, "--work", str(work), "--out", str(out)])
+    assert refused.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not work.exists() and not out.exists()

@@ -160,6 +160,27 @@ def _positive(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    """A share of scenes (``--mixed-light``, ``--unet-mixed-light``): 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share from 0 to 1")
+    return value
+
+
+def _model_folder(text: str) -> str:
+    """``--init``: an exported diffusers folder, refused before any work when it is not one."""
+    if not (Path(text) / "model_index.json").is_file():
+        raise argparse.ArgumentTypeError(
+            f"{text} is not an exported model folder (no model_index.json); "
+            "pass one written by --out, e.g. psd_collage/shapes/weights"
+        )
+    return text
+
+
 def _device(text: str) -> str:
     """``--device``, checked by the engine's own rule, refused before any training."""
     try:
@@ -183,30 +204,30 @@ def _resume(ckpt: Path, args: argparse.Namespace) -> dict[str, Any] | None:
     return state
 
 
-def _init_modules(args: argparse.Namespace, part: str, module: torch.nn.Module) -> None:
-    """Load ``--init``'s ``part`` (its exported fp16 weights, in fp32) into ``module``."""
+def _init_modules(args: argparse.Namespace, part: str, module: torch.nn.Module) -> Any:
+    """Load ``--init``'s ``part`` (its exported fp16 weights, in fp32) into ``module``;
+    returns the part's config."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    loader = {"vae": AutoencoderKL, "unet": UNet2DConditionModel}.get(part, CLIPTextModel)
-    folder = Path(args.init) / part
+    loader = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
     try:
-        weights = loader.from_pretrained(folder, torch_dtype=torch.float32).state_dict()
-        module.load_state_dict(weights)
+        loaded = loader[part].from_pretrained(Path(args.init) / part, torch_dtype=torch.float32)
+        module.load_state_dict(loaded.state_dict())
     except (OSError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SystemExit(
             f"--init {args.init}: {part} does not load as --arch {args.arch} ({first})"
         ) from None
+    return loaded.config
 
 
 def init_vae(args: argparse.Namespace) -> torch.nn.Module:
     """Stage 1 with ``--init``: the folder's autoencoder as it is (the UNet continues on
     its latents), with the scale its UNet was trained at."""
     vae = build_vae(_arch(args))
-    _init_modules(args, "vae", vae)
-    config = json.loads((Path(args.init) / "vae" / "config.json").read_text())
-    vae.register_to_config(scaling_factor=float(config["scaling_factor"]))
+    config = _init_modules(args, "vae", vae)
+    vae.register_to_config(scaling_factor=float(config.scaling_factor))
     return vae.to(args.device).eval()
 
 
@@ -586,6 +607,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="shipped")
     parser.add_argument(
         "--init",
+        type=_model_folder,
         metavar="FOLDER",
         help="fine-tune an exported model of these sizes (e.g. psd_collage/shapes/weights): "
         "its autoencoder is kept, its UNet and text encoder train on from their weights",
@@ -607,13 +629,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--mixed-light",
-        type=float,
+        type=_share,
         default=0.0,
         help="share of VAE scenes whose objects come from another light (collages)",
     )
     parser.add_argument(
         "--unet-mixed-light",
-        type=float,
+        type=_share,
         default=0.0,
         help="share of the UNet's cached scenes whose objects come from another light "
         "(their prompt still names the scene's light)",

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from psd_collage.engine import GenerationRequest, load_engine
+from psd_collage.render import render_file
 from psd_collage.shapes import model, train
+from psd_collage.shapes.psd import read_variants, write_scene_psd
 from psd_collage.shapes.world import SIZE, draw, draw_collages, random_scenes
 from tests.engine_helpers import DEVICE
 
@@ -81,6 +83,32 @@ def test_the_strong_configuration_trains_exports_and_renders(tmp_path):
     # Resuming with other sizes is refused instead of loading mismatched weights.
     with pytest.raises(SystemExit, match="other model sizes"):
         train.main([*flags[2:], *sizes, "--batch", "4", "--threads", "1"])
+
+
+def test_a_4x_autoencoder_trains_exports_and_renders_a_psd_at_32_latent_pixels(tmp_path):
+    """Three VAE blocks (a 4x factor, as a 128 px world needs for objects of a few latent
+    pixels) and a fourth UNet block at the full latent size: the engine takes both from
+    the configs, so the exported folder renders a PSD at the model's native 128 px."""
+    out = tmp_path / "weights"
+    flags = ["--work", str(tmp_path / "work"), "--out", str(out), "--threads", "1"]
+    sizes = ["--vae-steps", "2", "--vae-batch", "2", "--scenes", "8", "--unet-steps", "2"]
+    blocks = ["--vae-blocks", "16,32,64", "--unet-blocks", "16,32,64,64", "--batch", "4"]
+    train.main([*flags, *sizes, *blocks, "--device", DEVICE])
+    assert json.loads((out / "training.json").read_text())["arch"]["vae_blocks"] == [16, 32, 64]
+    engine = load_engine(str(out), device="cpu", dtype="fp32")
+    assert engine.components.native_resolution == SIZE
+    request = GenerationRequest(
+        image=draw(random_scenes(1, seed=2)).images[0],
+        strength=np.full((SIZE, SIZE), 0.5, np.float32),
+        prompt="a red circle on grass in daylight",
+        steps=2,
+    )
+    latents, _ = engine.sample_latents(request)
+    assert latents.shape == (1, 4, SIZE // 4, SIZE // 4)
+    psd = write_scene_psd(tmp_path / "scene.psd", random_scenes(1, seed=3)[0])
+    result = render_file(psd, tmp_path / "out.psd", model=str(out), steps=2, variants=1)
+    (variant,) = read_variants(result.output)
+    assert variant.shape == (SIZE, SIZE, 3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
@@ -154,6 +182,8 @@ def test_init_fine_tunes_an_exported_model_keeping_its_autoencoder(tmp_path):
         (["--init", "no-such-folder"], "is not an exported model folder"),
         (["--unet-mixed-light", "1.5"], "is not a share from 0 to 1"),
         (["--mixed-light", "half"], "is not a share from 0 to 1"),
+        (["--vae-blocks", "16,32"], "four blocks (8x factor) or three (4x)"),
+        (["--unet-blocks", "32,32,64,64,64"], "three blocks, or four"),
     ],
 )
 def test_a_bad_recipe_is_refused_before_any_training(tmp_path, capsys, flags, message):

@@ -29,7 +29,6 @@ from .world import SIZE, VOCABULARY
 WEIGHTS_DIR: Path = PACKAGED_MODELS["shapes"]
 #: Tokens per prompt: the longest world prompt is 17 tokens; room for textual inversion.
 MAX_TOKENS = 32
-LATENT_SIZE = SIZE // 8
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class Architecture:
     """Widths and depths of the three trained parts; the defaults are the shipped model."""
 
     latent_channels: int = 4  # 16 in SD3 and Flux: more colour and edge detail per latent
-    vae_blocks: tuple[int, ...] = (16, 32, 64, 64)  # four blocks: the usual 8x factor
+    vae_blocks: tuple[int, ...] = (16, 32, 64, 64)  # four blocks: the usual 8x factor; three: 4x
     vae_layers: int = 1
     unet_blocks: tuple[int, ...] = (32, 64, 64)
     unet_layers: int = 1
@@ -45,15 +44,20 @@ class Architecture:
     text_layers: int = 2
 
     def __post_init__(self) -> None:
-        if len(self.vae_blocks) != 4:
-            raise ValueError("the VAE needs four blocks: the 8x factor LATENT_SIZE assumes")
-        if len(self.unet_blocks) != 3:
-            raise ValueError("the UNet has three blocks (cross-attention at 16, 8 and 4 px)")
+        if len(self.vae_blocks) not in (3, 4):
+            raise ValueError("the VAE has four blocks (8x factor) or three (4x)")
+        if len(self.unet_blocks) not in (3, 4):
+            raise ValueError("the UNet has three blocks, or four (the first without attention)")
         if any(width % 8 for width in (*self.vae_blocks, *self.unet_blocks)):
             raise ValueError("block widths must be multiples of 8 (group norm of 8 groups)")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def latent_size(self) -> int:
+        """Latent pixels per side of the world's canvas: 16 at the 8x factor, 32 at 4x."""
+        return SIZE // 2 ** (len(self.vae_blocks) - 1)
 
 
 #: The shipped model (VAE 0.98 M, UNet 1.49 M, text encoder 0.11 M parameters).
@@ -94,12 +98,14 @@ def build_text_encoder(tokenizer: CLIPTokenizer, arch: Architecture = SHIPPED) -
 
 
 def build_vae(arch: Architecture = SHIPPED) -> AutoencoderKL:
-    """A small AutoencoderKL with the real 8x factor: 128 px -> 16 x 16 x C latents."""
+    """A small AutoencoderKL, shipped with the real 8x factor: 128 px -> 16 x 16 x C latents
+    (three blocks: 4x, 32 x 32 x C)."""
+    blocks = len(arch.vae_blocks)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
         block_out_channels=arch.vae_blocks,
         layers_per_block=arch.vae_layers,
         latent_channels=arch.latent_channels,
@@ -110,15 +116,20 @@ def build_vae(arch: Architecture = SHIPPED) -> AutoencoderKL:
 
 def build_unet(arch: Architecture = SHIPPED) -> UNet2DConditionModel:
     """Shipped: about 1.5 M parameters, blocks 32/64/64, cross-attention at 16 x 16, 8 x 8
-    and 4 x 4."""
+    and 4 x 4. A fourth block goes first, at the full latent size, without attention:
+    self-attention over 32 x 32 positions would cost more than the rest of the UNet."""
+    down = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    up = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    if len(arch.unet_blocks) == 4:
+        down, up = ("DownBlock2D", *down), (*up, "UpBlock2D")
     return UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
+        sample_size=arch.latent_size,
         in_channels=arch.latent_channels,
         out_channels=arch.latent_channels,
         block_out_channels=arch.unet_blocks,
         layers_per_block=arch.unet_layers,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=down,
+        up_block_types=up,
         cross_attention_dim=arch.text_width,
         attention_head_dim=8,
         norm_num_groups=8,

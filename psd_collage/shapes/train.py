@@ -45,7 +45,6 @@ from ..engine.models import resolve_device
 from ..errors import SettingsError
 from .model import (
     ARCHITECTURES,
-    LATENT_SIZE,
     SHIPPED,
     WEIGHTS_DIR,
     Architecture,
@@ -528,7 +527,8 @@ class _Rig:
 
     def unet_step(self, step: int) -> None:
         g = torch.Generator().manual_seed(step)
-        shape = (self.args.batch, self.arch.latent_channels, LATENT_SIZE, LATENT_SIZE)
+        size = self.arch.latent_size
+        shape = (self.args.batch, self.arch.latent_channels, size, size)
         x0, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         t = torch.randint(0, len(self.alphas), (self.args.batch,), generator=g)
         loss = unet_loss(self.unet, self.text, x0, self.ids, t, noise, self.alphas)
@@ -613,8 +613,14 @@ def _parser() -> argparse.ArgumentParser:
         "its autoencoder is kept, its UNet and text encoder train on from their weights",
     )
     parser.add_argument("--latent-channels", type=int, help="instead of the --arch's")
-    parser.add_argument("--vae-blocks", type=_widths, help="four widths, e.g. 32,64,96,96")
-    parser.add_argument("--unet-blocks", type=_widths, help="three widths, e.g. 64,128,128")
+    parser.add_argument(
+        "--vae-blocks", type=_widths, help="four widths (8x factor, e.g. 32,64,96,96) or three (4x)"
+    )
+    parser.add_argument(
+        "--unet-blocks",
+        type=_widths,
+        help="three widths, e.g. 64,128,128, or four (the first without attention)",
+    )
     parser.add_argument("--unet-layers", type=int, help="layers per UNet block")
     parser.add_argument("--text-width", type=int, help="text encoder (cross-attention) width")
     parser.add_argument("--kl-weight", type=float, default=KL_WEIGHT)
@@ -669,7 +675,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        _arch(args)
+    except ValueError as error:  # sizes the model cannot have: before anything is written
+        parser.error(f"--arch {args.arch} with these sizes: {error}")
     torch.set_num_threads(args.threads)
     if args.probe:
         probe(args)

@@ -54,6 +54,17 @@ def test_collages_are_scenes_whose_objects_come_from_another_light():
     assert changed[objects].mean() > 0.9 and not changed[~objects].any()
 
 
+def _latents(engine) -> torch.Tensor:
+    """A world scene's latents at noise 0.5, two steps: their shape is the model's."""
+    request = GenerationRequest(
+        image=draw(random_scenes(1, seed=2)).images[0],
+        strength=np.full((SIZE, SIZE), 0.5, np.float32),
+        prompt="a red circle on grass in daylight",
+        steps=2,
+    )
+    return engine.sample_latents(request)[0]
+
+
 def test_the_strong_configuration_trains_exports_and_renders(tmp_path):
     out = tmp_path / "weights"
     flags = ["--arch", "strong", "--work", str(tmp_path / "work"), "--out", str(out)]
@@ -69,13 +80,7 @@ def test_the_strong_configuration_trains_exports_and_renders(tmp_path):
     assert stats["unet_mixed_light"] == 0.5
     engine = load_engine(str(out), device="cpu", dtype="fp32")
     assert engine.components.vae.config.latent_channels == 16
-    request = GenerationRequest(
-        image=draw(random_scenes(1, seed=2)).images[0],
-        strength=np.full((SIZE, SIZE), 0.5, np.float32),
-        prompt="a red circle on grass in daylight",
-        steps=2,
-    )
-    latents, _ = engine.sample_latents(request)
+    latents = _latents(engine)
     assert latents.shape == (1, 16, SIZE // 8, SIZE // 8)
     # Latents cached for one recipe are not reused for another.
     with pytest.raises(SystemExit, match="another --unet-mixed-light"):
@@ -97,13 +102,7 @@ def test_a_4x_autoencoder_trains_exports_and_renders_a_psd_at_32_latent_pixels(t
     assert json.loads((out / "training.json").read_text())["arch"]["vae_blocks"] == [16, 32, 64]
     engine = load_engine(str(out), device="cpu", dtype="fp32")
     assert engine.components.native_resolution == SIZE
-    request = GenerationRequest(
-        image=draw(random_scenes(1, seed=2)).images[0],
-        strength=np.full((SIZE, SIZE), 0.5, np.float32),
-        prompt="a red circle on grass in daylight",
-        steps=2,
-    )
-    latents, _ = engine.sample_latents(request)
+    latents = _latents(engine)
     assert latents.shape == (1, 4, SIZE // 4, SIZE // 4)
     psd = write_scene_psd(tmp_path / "scene.psd", random_scenes(1, seed=3)[0])
     result = render_file(psd, tmp_path / "out.psd", model=str(out), steps=2, variants=1)

@@ -1,8 +1,8 @@
 """The ``shapes`` model: architecture, offline tokenizer and the packaged weights folder.
 
 A small latent diffusion model in diffusers' Stable Diffusion 1.x layout (AutoencoderKL
-with the usual 8x factor, or 4x with three blocks, CLIPTextModel + CLIPTokenizer over the world's vocabulary,
-UNet2DConditionModel), trained on the ``shapes`` world by
+with the usual 8x factor, or 4x with three blocks; CLIPTextModel + CLIPTokenizer over the
+world's vocabulary; UNet2DConditionModel), trained on the ``shapes`` world by
 :mod:`psd_collage.shapes.train`. The weights ship as package data, so ``--model shapes``
 loads offline through the same code path as any local diffusers folder.
 
